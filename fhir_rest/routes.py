@@ -1,0 +1,197 @@
+"""Starlette routes for ``/fhir/r5``: each one parses HTTP, opens the request's transaction and
+calls one interaction. No FHIR logic lives here.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.context import RequestContext
+from gateway.summary import patient_summary
+from subgraphs.store import fhirjson
+from subgraphs.store.errors import FhirError, bad_request
+from subgraphs.store.repository import check_id
+
+from . import http
+from .capability import capability_statement
+from .interactions import bundle, crud
+from .interactions.search import history, search
+from .outcome import FHIR_JSON
+from .results import Result
+
+
+def _pairs(request: Request) -> list[tuple[str, str]]:
+    return list(request.query_params.multi_items())
+
+
+async def metadata(request: Request) -> Response:
+    http.check_accept(request)
+    from gateway import __version__
+
+    return Response(
+        fhirjson.dumps(capability_statement(http.base_url(request), __version__)), 200, media_type=FHIR_JSON
+    )
+
+
+async def type_root(request: Request) -> Response:
+    ctx = http.context(request)
+    resource_type = request.path_params["type"]
+    b = http.backends(request)
+    if request.method == "POST":
+        body = await http.json_body(request)
+        async with b.repository(ctx.facility, write=True) as repo:
+            result = await crud.create(
+                ctx, repo, resource_type, body, if_none_exist=request.headers.get("if-none-exist")
+            )
+        return http.render(result, http.prefer_return(request))
+    return await _search(request, ctx, resource_type, _pairs(request))
+
+
+async def type_search(request: Request) -> Response:
+    ctx = http.context(request)
+    raw = await http.read_body(request, allow_form=True)
+    try:
+        form = parse_qsl(raw.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(raw))
+    except (UnicodeDecodeError, ValueError):
+        raise bad_request("the _search body must be application/x-www-form-urlencoded") from None
+    return await _search(request, ctx, request.path_params["type"], [*_pairs(request), *form])
+
+
+async def _search(
+    request: Request,
+    ctx: RequestContext,
+    resource_type: str,
+    pairs: list[tuple[str, str]],
+    fixed: list[tuple[str, str]] | None = None,
+    url: str | None = None,
+) -> Response:
+    b = http.backends(request)
+    s = b.settings
+    async with b.repository(ctx.facility, write=False) as repo:
+        result = await search(
+            ctx,
+            repo,
+            s.secret_key,
+            resource_type,
+            pairs,
+            url=url or f"{ctx.base}/{resource_type}",
+            default_count=s.default_page_size,
+            max_count=s.max_page_size,
+            strict=http.prefer_strict(request),
+            fixed=fixed,
+        )
+    return http.render(result)
+
+
+async def instance(request: Request) -> Response:
+    ctx = http.context(request)
+    resource_type, resource_id = request.path_params["type"], request.path_params["id"]
+    b = http.backends(request)
+    if request.method == "GET":
+        async with b.repository(ctx.facility, write=False) as repo:
+            return http.render(await crud.read(repo, resource_type, resource_id))
+    if request.method == "PUT":
+        if_match = crud.parse_if_match(request.headers.get("if-match"))
+        body = await http.json_body(request)
+        async with b.repository(ctx.facility, write=True) as repo:
+            result = await crud.update(ctx, repo, resource_type, resource_id, body, if_match=if_match)
+        return http.render(result, http.prefer_return(request))
+    async with b.repository(ctx.facility, write=True) as repo:
+        return http.render(await crud.delete(repo, resource_type, resource_id))
+
+
+async def vread(request: Request) -> Response:
+    ctx = http.context(request)
+    p = request.path_params
+    async with http.backends(request).repository(ctx.facility, write=False) as repo:
+        return http.render(await crud.vread(repo, p["type"], p["id"], p["vid"]))
+
+
+async def history_route(request: Request) -> Response:
+    ctx = http.context(request)
+    p = request.path_params
+    b = http.backends(request)
+    resource_type, resource_id = p.get("type"), p.get("id")
+    url = "/".join(x for x in (ctx.base, resource_type, resource_id, "_history") if x)
+    async with b.repository(ctx.facility, write=False) as repo:
+        result = await history(
+            ctx,
+            repo,
+            b.settings.secret_key,
+            resource_type,
+            resource_id,
+            _pairs(request),
+            url=url,
+            default_count=b.settings.default_page_size,
+            max_count=b.settings.max_page_size,
+        )
+    return http.render(result)
+
+
+async def system(request: Request) -> Response:
+    ctx = http.context(request)
+    body = await http.json_body(request)
+    result = await bundle.process(ctx, http.backends(request), body, http.prefer_return(request))
+    return http.render(result)
+
+
+def _encounters(request: Request) -> int:
+    raw = request.query_params.get("encounters", "5")
+    if not raw.isdigit() or not 1 <= int(raw) <= 50:
+        raise bad_request("encounters must be an integer from 1 to 50", expression=["encounters"])
+    return int(raw)
+
+
+async def summary(request: Request) -> Response:
+    ctx = http.context(request)
+    patient_id = check_id(request.path_params["id"])
+    encounters = _encounters(request)
+    async with http.backends(request).repository(ctx.facility, write=False) as repo:
+        bundle_ = await patient_summary(repo, ctx.base, patient_id, encounters)
+    return http.render(Result(200, bundle_))
+
+
+async def patient_list(request: Request) -> Response:
+    """``/Patient/{id}/observations`` and ``/medication-requests``: a search fixed to the patient."""
+    ctx = http.context(request)
+    patient_id = check_id(request.path_params["id"])
+    resource_type = "Observation" if request.url.path.endswith("/observations") else "MedicationRequest"
+    pairs = _pairs(request)
+    if any(k.split(":")[0] in ("patient", "subject") for k, _ in pairs):
+        raise bad_request("the patient is given by the path; do not pass patient or subject", expression=["patient"])
+    async with http.backends(request).repository(ctx.facility, write=False) as repo:
+        await crud.read(repo, "Patient", patient_id)  # 404/410 like a read of the patient
+    suffix = "observations" if resource_type == "Observation" else "medication-requests"
+    return await _search(
+        request,
+        ctx,
+        resource_type,
+        pairs,
+        fixed=[("patient", f"Patient/{patient_id}")],
+        url=f"{ctx.base}/Patient/{patient_id}/{suffix}",
+    )
+
+
+async def method_not_allowed(request: Request) -> Response:
+    raise FhirError(405, "not-supported", f"{request.method} is not supported on {request.url.path}")
+
+
+def routes() -> list[Route]:
+    return [
+        Route("/metadata", metadata, methods=["GET"]),
+        Route("/", system, methods=["POST"]),
+        Route("/_history", history_route, methods=["GET"]),
+        Route("/Patient/{id}/summary", summary, methods=["GET"]),
+        Route("/Patient/{id}/observations", patient_list, methods=["GET"]),
+        Route("/Patient/{id}/medication-requests", patient_list, methods=["GET"]),
+        Route("/{type}/_history", history_route, methods=["GET"]),
+        Route("/{type}/_search", type_search, methods=["POST"]),
+        Route("/{type}", type_root, methods=["GET", "POST"]),
+        Route("/{type}/{id}/_history", history_route, methods=["GET"]),
+        Route("/{type}/{id}/_history/{vid}", vread, methods=["GET"]),
+        Route("/{type}/{id}", instance, methods=["GET", "PUT", "DELETE"]),
+    ]

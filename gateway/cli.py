@@ -1,0 +1,186 @@
+"""The ``unihealth`` command.
+
+Sub-commands: ``serve`` (the edge; ``--demo`` loads deterministic demo data first), ``demo-data``
+(write synthetic NDJSON), ``import`` (load NDJSON or Bundles), ``migrate`` (bring the database
+schema up to date). Settings come from ``UNIHEALTH_*`` variables (see :mod:`gateway.settings`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+
+DEMO_PATIENTS = 40
+DEMO_FACILITIES = 2
+DEMO_SEED = 42
+
+
+def _settings(**overrides: object) -> Any:
+    from .settings import SettingsError, load_settings
+
+    try:
+        return load_settings(None, **overrides)
+    except SettingsError as exc:
+        sys.exit(f"unihealth: {exc}")
+
+
+def _progress_bar(total: int | None, unit: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, file=sys.stderr, dynamic_ncols=True, disable=None)
+
+
+async def _load_demo(app: Starlette) -> None:
+    from . import demo_data
+    from .importer import import_file
+
+    backends = app.state.backends
+    facility = demo_data.facility_ids(DEMO_FACILITIES)[0]
+    async with backends.repository(facility, write=False) as repo:
+        loaded = await repo.history("Patient", None, since=None, count=1, before=None)
+    if not loaded:
+        path = backends.settings.data_dir / "demo.ndjson"
+        demo_data.write_ndjson(path, DEMO_PATIENTS, DEMO_FACILITIES, DEMO_SEED)
+        count = await import_file(backends, path)
+        print(f"loaded {count} demo resources into {backends.settings.data_dir}", file=sys.stderr)
+    first = next(r for r in demo_data.generate(1, DEMO_FACILITIES, DEMO_SEED) if r["resourceType"] == "Patient")
+    base = f"http://{app.state.host}:{app.state.port}"
+    print(
+        "\nUniHealth demo is ready. Try:\n"
+        f"  curl -H 'X-Facility-Id: {facility}' {base}/fhir/r5/Patient/{first['id']}/summary?encounters=3\n"
+        f"  curl -H 'X-Facility-Id: {facility}' '{base}/fhir/r5/Patient?_count=5'\n",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from .app import create_app
+
+    overrides: dict[str, object] = {}
+    if args.demo:
+        from .settings import load_settings
+
+        base_dir = load_settings().data_dir if args.data_dir is None else Path(args.data_dir)
+        overrides["data_dir"] = base_dir / "demo"
+    elif args.data_dir:
+        overrides["data_dir"] = args.data_dir
+    settings = _settings(**overrides)
+    app = create_app(settings, on_startup=_load_demo if args.demo else None)
+    app.state.host, app.state.port = args.host, args.port
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=False,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
+    )
+
+
+def cmd_demo_data(args: argparse.Namespace) -> None:
+    from . import demo_data
+
+    bar = _progress_bar(None, "res")
+    count = demo_data.write_ndjson(args.out, args.patients, args.facilities, args.seed, progress=bar.update)
+    bar.close()
+    print(f"wrote {count} resources for {args.patients} patients in {args.facilities} facilities to {args.out}")
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    from subgraphs.store.errors import FhirError
+
+    from .backends import open_backends
+    from .importer import import_file
+
+    settings = _settings(**({"data_dir": args.data_dir} if args.data_dir else {}))
+
+    async def run() -> int:
+        backends = await open_backends(settings)
+        total = 0
+        try:
+            for name in args.files:
+                bar = _progress_bar(None, "res")
+                try:
+                    total += await import_file(
+                        backends,
+                        Path(name),
+                        default_facility=args.facility,
+                        batch_size=args.batch_size,
+                        progress=bar.update,
+                    )
+                finally:
+                    bar.close()
+        finally:
+            await backends.close()
+        return total
+
+    try:
+        total = asyncio.run(run())
+    except FhirError as exc:
+        sys.exit(f"unihealth import: {exc.diagnostics}")
+    print(f"imported {total} resources")
+
+
+def cmd_migrate(args: argparse.Namespace) -> None:
+    from .backends import open_backends
+
+    settings = _settings()
+
+    async def run() -> None:
+        backends = await open_backends(settings)
+        await backends.close()
+
+    asyncio.run(run())
+    print("schema is up to date")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unihealth", description="UniHealth FHIR R5 edge gateway")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the edge (FHIR REST at /fhir/r5)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--demo", action="store_true", help="load deterministic demo data first (kept in DATA_DIR/demo)")
+    serve.add_argument("--data-dir", default=None, help="overrides UNIHEALTH_DATA_DIR")
+    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--ssl-certfile", default=None)
+    serve.add_argument("--ssl-keyfile", default=None)
+    serve.set_defaults(func=cmd_serve)
+
+    demo = sub.add_parser("demo-data", help="write deterministic synthetic FHIR R5 data as NDJSON")
+    demo.add_argument("--patients", type=int, default=100)
+    demo.add_argument("--facilities", type=int, default=2)
+    demo.add_argument("--seed", type=int, default=42)
+    demo.add_argument("--out", required=True)
+    demo.set_defaults(func=cmd_demo_data)
+
+    imp = sub.add_parser("import", help="import NDJSON files or Bundles")
+    imp.add_argument("files", nargs="+")
+    imp.add_argument("--facility", default=None, help="facility for resources without a facility tag")
+    imp.add_argument("--batch-size", type=int, default=500)
+    imp.add_argument("--data-dir", default=None)
+    imp.set_defaults(func=cmd_import)
+
+    migrate = sub.add_parser("migrate", help="create or upgrade the database schema")
+    migrate.set_defaults(func=cmd_migrate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

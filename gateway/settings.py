@@ -1,0 +1,113 @@
+"""Every setting of UniHealth, read from ``UNIHEALTH_*`` environment variables.
+
+Contract: :func:`load_settings` is the only place that reads the environment; nothing is read or
+opened at import time. The ``profile`` picks the backends (see :mod:`gateway.backends`):
+
+* ``embedded`` (default) — SQLite file under ``data_dir``, in-process cache and bus; no servers.
+* ``production`` — ``database_url`` must name PostgreSQL (``postgresql+asyncpg://...``).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+Profile = Literal["embedded", "production"]
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    profile: Profile = "embedded"
+    data_dir: Path = field(default_factory=lambda: Path.cwd() / ".unihealth")
+    database_url: str = ""
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_json_depth: int = 64
+    default_page_size: int = 50
+    max_page_size: int = 1000
+    secret_key: bytes = b""
+    national_id_system: str = "https://unihealth.dev/fhir/sid/national-id"
+    base_url: str = ""
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise SettingsError(f"{name} must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _secret_key(env: Mapping[str, str], data_dir: Path, profile: Profile) -> bytes:
+    """The key that signs paging cursors (and, in development, tokens).
+
+    Production must configure ``UNIHEALTH_SECRET_KEY``; the embedded profile generates one per
+    install and keeps it in ``data_dir/secret.key`` (mode 0600) so cursors survive restarts.
+    """
+    raw = env.get("UNIHEALTH_SECRET_KEY", "")
+    if raw:
+        if len(raw) < 32:
+            raise SettingsError("UNIHEALTH_SECRET_KEY must be at least 32 characters")
+        return raw.encode()
+    if profile == "production":
+        raise SettingsError("UNIHEALTH_SECRET_KEY is required in the production profile")
+    path = data_dir / "secret.key"
+    if path.exists():
+        return path.read_bytes().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(48).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key)
+    return key
+
+
+def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+    """Build :class:`Settings` from ``env`` (default ``os.environ``) plus explicit overrides.
+
+    Raises :class:`SettingsError` with the variable's name on any malformed value.
+    """
+    env = os.environ if env is None else env
+    profile_raw = overrides.get("profile") or env.get("UNIHEALTH_PROFILE", "embedded")
+    if profile_raw not in ("embedded", "production"):
+        raise SettingsError(f"UNIHEALTH_PROFILE must be embedded or production, got {profile_raw!r}")
+    profile: Profile = "production" if profile_raw == "production" else "embedded"
+    data_dir = Path(str(overrides.get("data_dir") or env.get("UNIHEALTH_DATA_DIR") or Path.cwd() / ".unihealth"))
+    database_url = str(overrides.get("database_url") or env.get("UNIHEALTH_DATABASE_URL", ""))
+    if not database_url:
+        if profile == "production":
+            raise SettingsError("UNIHEALTH_DATABASE_URL is required in the production profile")
+        database_url = f"sqlite+aiosqlite:///{data_dir / 'unihealth.db'}"
+    if not (database_url.startswith("sqlite+aiosqlite://") or database_url.startswith("postgresql+asyncpg://")):
+        raise SettingsError("UNIHEALTH_DATABASE_URL must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
+    if profile == "production" and database_url.startswith("sqlite"):
+        raise SettingsError("the production profile needs PostgreSQL, not SQLite")
+    secret = overrides.get("secret_key")
+    return Settings(
+        profile=profile,
+        data_dir=data_dir,
+        database_url=database_url,
+        max_body_bytes=_int(env, "UNIHEALTH_MAX_BODY_BYTES", 10 * 1024 * 1024, 1024, 1 << 30),
+        max_json_depth=_int(env, "UNIHEALTH_MAX_JSON_DEPTH", 64, 8, 1000),
+        default_page_size=_int(env, "UNIHEALTH_DEFAULT_PAGE_SIZE", 50, 1, 1000),
+        max_page_size=_int(env, "UNIHEALTH_MAX_PAGE_SIZE", 1000, 1, 10000),
+        secret_key=secret if isinstance(secret, bytes) else _secret_key(env, data_dir, profile),
+        national_id_system=env.get("UNIHEALTH_NATIONAL_ID_SYSTEM", "https://unihealth.dev/fhir/sid/national-id"),
+        base_url=str(overrides.get("base_url") or env.get("UNIHEALTH_BASE_URL", "")).rstrip("/"),
+    )

@@ -1,0 +1,130 @@
+"""The store's tables (SQLAlchemy Core), shared by SQLite and PostgreSQL.
+
+Contract: every table's key starts with ``facility``; no row is ever read without a facility
+predicate (the repository adds it to every statement). ``resources`` holds the current version of
+each resource (deleted ones as tombstones), ``resource_history`` every version ever written,
+``outbox`` one row per change in the same transaction as the change, and the ``idx_*`` tables the
+search index of the current version. The Alembic migrations under ``migrations/`` create exactly
+this schema on PostgreSQL (a test compares them).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    text,
+)
+
+metadata = MetaData()
+
+FACILITY = String(64)
+RTYPE = String(64)
+RID = String(64)
+SEQ = BigInteger().with_variant(Integer, "sqlite")
+
+
+def _key_columns() -> list[Column[object]]:
+    return [
+        Column("facility", FACILITY, nullable=False),
+        Column("type", RTYPE, nullable=False),
+        Column("id", RID, nullable=False),
+    ]
+
+
+resources = Table(
+    "resources",
+    metadata,
+    *_key_columns(),
+    Column("version", Integer, nullable=False),
+    Column("last_updated", DateTime(timezone=True), nullable=False),
+    Column("deleted", Boolean, nullable=False),
+    Column("content", LargeBinary, nullable=True),
+    PrimaryKeyConstraint("facility", "type", "id", name="pk_resources"),
+)
+
+resource_history = Table(
+    "resource_history",
+    metadata,
+    *_key_columns(),
+    Column("version", Integer, nullable=False),
+    Column("last_updated", DateTime(timezone=True), nullable=False),
+    Column("deleted", Boolean, nullable=False),
+    Column("method", String(8), nullable=False),
+    Column("content", LargeBinary, nullable=True),
+    PrimaryKeyConstraint("facility", "type", "id", "version", name="pk_resource_history"),
+    Index("ix_history_type_time", "facility", "type", "last_updated"),
+    Index("ix_history_time", "facility", "last_updated"),
+)
+
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("seq", SEQ, primary_key=True, autoincrement=True),
+    Column("event_id", String(36), nullable=False, unique=True),
+    Column("facility", FACILITY, nullable=False),
+    Column("type", RTYPE, nullable=False),
+    Column("id", RID, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("operation", String(8), nullable=False),
+    Column("patient_id", RID, nullable=True),
+    Column("occurred_at", DateTime(timezone=True), nullable=False),
+    Column("published_at", DateTime(timezone=True), nullable=True),
+    Index(
+        "ix_outbox_unpublished",
+        "seq",
+        postgresql_where=text("published_at IS NULL"),
+        sqlite_where=text("published_at IS NULL"),
+    ),
+)
+
+
+def _index_table(name: str, *columns: Column[object], lookup: tuple[str, ...]) -> Table:
+    return Table(
+        name,
+        metadata,
+        *_key_columns(),
+        Column("param", String(64), nullable=False),
+        *columns,
+        Index(f"ix_{name}_res", "facility", "type", "id"),
+        Index(f"ix_{name}_lookup", "facility", "type", "param", *lookup),
+    )
+
+
+idx_token = _index_table(
+    "idx_token",
+    Column("system", String(255), nullable=True),
+    Column("code", String(255), nullable=False),
+    lookup=("code", "system"),
+)
+
+idx_reference = _index_table(
+    "idx_reference",
+    Column("target_type", RTYPE, nullable=False),
+    Column("target_id", RID, nullable=False),
+    lookup=("target_id", "target_type"),
+)
+
+idx_date = _index_table(
+    "idx_date",
+    Column("low", DateTime(timezone=True), nullable=False),
+    Column("high", DateTime(timezone=True), nullable=False),
+    lookup=("low", "high"),
+)
+
+idx_string = _index_table(
+    "idx_string",
+    Column("value", String(255), nullable=False),
+    lookup=("value",),
+)
+
+INDEX_TABLES = {"token": idx_token, "reference": idx_reference, "date": idx_date, "string": idx_string}
