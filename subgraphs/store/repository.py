@@ -336,7 +336,7 @@ class ResourceRepository:
 
     # ---------------------------------------------------------------- writes
     async def lock(self, key: str) -> None:
-        await self.db.lock(self.conn, f"{self.facility}\x00{key}")
+        await self.db.lock(self.conn, f"{self.facility}|{key}")
 
     async def create(self, resource_type: str, body: dict[str, Any], resource_id: str | None = None) -> StoredResource:
         """A new resource with a server-assigned id (``resource_id``: one the server assigned earlier)."""
