@@ -236,6 +236,8 @@ class ResourceRepository:
             last = rows[query.count - 1]
             sk = last.sk
             position = [as_utc(sk).isoformat() if isinstance(sk, datetime) else sk, last.id]
+        if total is None and after is None and position is None:
+            total = len(page)  # the whole result is on this first page: the total is free
         return SearchPage(page, position, total)
 
     def _sort_key(self, query: SearchQuery) -> tuple[Any, bool]:

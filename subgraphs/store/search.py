@@ -151,6 +151,8 @@ def _control(query: SearchQuery, name: str, raw: str, known: dict[str, Param], m
         if not raw.isdigit() or not 0 <= int(raw) <= max_count:
             raise bad_request(f"_count must be an integer from 0 to {max_count}", expression=["_count"])
         query.count = int(raw)
+        if query.count == 0:  # "_count=0": the client wants only the total
+            query.total = True
     elif name == "_sort":
         for key in raw.split(","):
             desc = key.startswith("-")
