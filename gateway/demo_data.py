@@ -530,8 +530,9 @@ class _Generator:
             out.append(self.encounter_resource(person, enc))
             out.extend(self.vitals(person, enc, first=n == 0))
             out.extend(self.labs(person, enc))
-        out.extend(self.conditions_and_meds(person, encounters, codes, penicillin=any(
-            a.code == PENICILLIN for a in allergens)))
+        out.extend(
+            self.conditions_and_meds(person, encounters, codes, penicillin=any(a.code == PENICILLIN for a in allergens))
+        )
         out.extend(self.allergy(person, a, encounters[0]) for a in allergens)
         return out
 

@@ -53,8 +53,11 @@ def settings_for(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixtu
     data_dir = tmp_path_factory.mktemp("data")
 
     def make(backend: str, **overrides: object) -> Settings:
-        url = (request.getfixturevalue("postgres_url") if backend == "postgresql"
-               else f"sqlite+aiosqlite:///{data_dir / 'unihealth.db'}")
+        url = (
+            request.getfixturevalue("postgres_url")
+            if backend == "postgresql"
+            else f"sqlite+aiosqlite:///{data_dir / 'unihealth.db'}"
+        )
         return load_settings({}, data_dir=data_dir, database_url=url, secret_key=SECRET, **overrides)
 
     return make

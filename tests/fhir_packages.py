@@ -19,8 +19,9 @@ def package(name: str, version: str) -> Path:
     CACHE.mkdir(parents=True, exist_ok=True)
     tgz = CACHE / f"{name}-{version}.tgz"
     if not tgz.exists():
-        subprocess.run(["npm", "pack", f"{name}@{version}", "--silent"], cwd=CACHE, check=True,
-                       capture_output=True, timeout=600)
+        subprocess.run(
+            ["npm", "pack", f"{name}@{version}", "--silent"], cwd=CACHE, check=True, capture_output=True, timeout=600
+        )
     return tgz
 
 

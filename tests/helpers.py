@@ -11,17 +11,34 @@ OBS_CAT = "http://terminology.hl7.org/CodeSystem/observation-category"
 
 
 def patient(family: str = "Smith", **extra: Any) -> dict[str, Any]:
-    return {"resourceType": "Patient", "name": [{"family": family, "given": ["Ann"]}], "gender": "female",
-            "birthDate": "1970-01-01", **extra}
+    return {
+        "resourceType": "Patient",
+        "name": [{"family": family, "given": ["Ann"]}],
+        "gender": "female",
+        "birthDate": "1970-01-01",
+        **extra,
+    }
 
 
-def observation(patient_id: str, code: str = "8867-4", when: str = "2024-01-01T10:00:00Z", value: Any = 72,
-                category: str = "vital-signs", status: str = "final", **extra: Any) -> dict[str, Any]:
-    return {"resourceType": "Observation", "status": status,
-            "category": [{"coding": [{"system": OBS_CAT, "code": category}]}],
-            "code": {"coding": [{"system": LOINC, "code": code}]},
-            "subject": {"reference": f"Patient/{patient_id}"}, "effectiveDateTime": when,
-            "valueQuantity": {"value": value, "unit": "/min"}, **extra}
+def observation(
+    patient_id: str,
+    code: str = "8867-4",
+    when: str = "2024-01-01T10:00:00Z",
+    value: Any = 72,
+    category: str = "vital-signs",
+    status: str = "final",
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "resourceType": "Observation",
+        "status": status,
+        "category": [{"coding": [{"system": OBS_CAT, "code": category}]}],
+        "code": {"coding": [{"system": LOINC, "code": code}]},
+        "subject": {"reference": f"Patient/{patient_id}"},
+        "effectiveDateTime": when,
+        "valueQuantity": {"value": value, "unit": "/min"},
+        **extra,
+    }
 
 
 def assert_outcome(response: httpx.Response, status: int, code: str | None = None) -> dict[str, Any]:

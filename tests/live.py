@@ -27,7 +27,9 @@ def serve(data_dir: Path, *args: str, env: dict[str, str] | None = None, timeout
     log = (data_dir / f"serve-{port}.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), "--data-dir", str(data_dir), *args],
-        env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
     try:

@@ -29,10 +29,24 @@ CASES: list[tuple[str, str, str, dict[str, str], bytes, int, str]] = [
     ("trailing data", "POST", "/Patient", {}, b'{"resourceType":"Patient"} {}', 400, "structure"),
     ("bad UTF-8", "POST", "/Patient", {}, b'{"resourceType":"Patient","gender":"\xff"}', 400, "structure"),
     ("invalid R5 element", "POST", "/Patient", {}, b'{"resourceType":"Patient","foo":1}', 400, "invalid"),
-    ("invalid R5 value", "POST", "/Patient", {}, b'{"resourceType":"Patient","birthDate":"1970-13-45"}', 400,
-     "invalid"),
-    ("missing required", "POST", "/Observation", {}, b'{"resourceType":"Observation","status":"final"}', 400,
-     "invalid"),
+    (
+        "invalid R5 value",
+        "POST",
+        "/Patient",
+        {},
+        b'{"resourceType":"Patient","birthDate":"1970-13-45"}',
+        400,
+        "invalid",
+    ),
+    (
+        "missing required",
+        "POST",
+        "/Observation",
+        {},
+        b'{"resourceType":"Observation","status":"final"}',
+        400,
+        "invalid",
+    ),
     ("type mismatch", "POST", "/Patient", {}, b'{"resourceType":"Observation"}', 400, "invalid"),
     ("no resourceType", "POST", "/Patient", {}, b'{"gender":"male"}', 400, "invalid"),
     ("unsupported type", "POST", "/Basic", {}, b'{"resourceType":"Basic"}', 404, "not-supported"),
@@ -56,17 +70,34 @@ CASES: list[tuple[str, str, str, dict[str, str], bytes, int, str]] = [
     ("no route", "GET", "/Patient/x/y/z/w", {}, b"", 404, "not-found"),
     ("bundle not bundle", "POST", "/", {}, b'{"resourceType":"Patient"}', 400, "invalid"),
     ("bundle bad type", "POST", "/", {}, b'{"resourceType":"Bundle","type":"collection"}', 400, "invalid"),
-    ("bundle bad entry", "POST", "/", {}, b'{"resourceType":"Bundle","type":"transaction","entry":[{}]}', 400,
-     "invalid"),
+    (
+        "bundle bad entry",
+        "POST",
+        "/",
+        {},
+        b'{"resourceType":"Bundle","type":"transaction","entry":[{}]}',
+        400,
+        "invalid",
+    ),
     ("summary encounters", "GET", "/Patient/x/summary?encounters=99", {}, b"", 400, "invalid"),
     ("summary encounters text", "GET", "/Patient/x/summary?encounters=all", {}, b"", 400, "invalid"),
 ]
 
 
-@pytest.mark.parametrize(("name", "method", "path", "headers", "body", "status", "code"), CASES,
-                         ids=[c[0] for c in CASES])
-async def test_bad_input(client: httpx.AsyncClient, existing: str, name: str, method: str, path: str,
-                         headers: dict[str, str], body: bytes, status: int, code: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "method", "path", "headers", "body", "status", "code"), CASES, ids=[c[0] for c in CASES]
+)
+async def test_bad_input(
+    client: httpx.AsyncClient,
+    existing: str,
+    name: str,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    body: bytes,
+    status: int,
+    code: str,
+) -> None:
     before = await _snapshot(client)
     r = await client.request(method, path, content=body, headers=headers)
     assert_outcome(r, status, code)
@@ -95,9 +126,11 @@ async def test_body_too_large(app: Any, facility: str) -> None:
     assert isinstance(app, Starlette)
     limit = app.state.backends.settings.max_body_bytes
     big = b'{"resourceType":"Patient","text":{"status":"generated","div":"' + b"a" * (limit + 10) + b'"}}'
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t/fhir/r5",
-                                 headers={"X-Facility-Id": facility,
-                                          "Content-Type": "application/fhir+json"}) as c:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://t/fhir/r5",
+        headers={"X-Facility-Id": facility, "Content-Type": "application/fhir+json"},
+    ) as c:
         r = await c.post("/Patient", content=big)
         assert_outcome(r, 413, "too-costly")
 
@@ -121,13 +154,21 @@ async def test_deeply_nested_json(client: httpx.AsyncClient, existing: str) -> N
 
 async def test_transaction_failure_writes_nothing(client: httpx.AsyncClient, existing: str) -> None:
     before = await _snapshot(client)
-    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"fullUrl": "urn:uuid:1", "resource": patient("Good"), "request": {"method": "POST", "url": "Patient"}},
-        {"resource": {"resourceType": "Patient", "id": existing, "name": [{"family": "Changed"}]},
-         "request": {"method": "PUT", "url": f"Patient/{existing}"}},
-        {"resource": {"resourceType": "Observation", "status": "final"},  # invalid: no code
-         "request": {"method": "POST", "url": "Observation"}},
-    ]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"fullUrl": "urn:uuid:1", "resource": patient("Good"), "request": {"method": "POST", "url": "Patient"}},
+            {
+                "resource": {"resourceType": "Patient", "id": existing, "name": [{"family": "Changed"}]},
+                "request": {"method": "PUT", "url": f"Patient/{existing}"},
+            },
+            {
+                "resource": {"resourceType": "Observation", "status": "final"},  # invalid: no code
+                "request": {"method": "POST", "url": "Observation"},
+            },
+        ],
+    }
     r = await client.post("/", json=bundle)
     body = assert_outcome(r, 400, "invalid")
     assert "Bundle.entry[2]" in body["issue"][0]["diagnostics"]

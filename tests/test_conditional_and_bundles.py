@@ -36,8 +36,9 @@ async def test_if_none_exist_is_per_facility(client: httpx.AsyncClient, facility
 
 async def test_fifty_parallel_conditional_creates_make_one(client: httpx.AsyncClient) -> None:
     cond = {"If-None-Exist": f"identifier={NID}|RACE-1"}
-    results = await asyncio.gather(*(client.post("/Patient", json=_with_nid("RACE-1"), headers=cond)
-                                      for _ in range(50)))
+    results = await asyncio.gather(
+        *(client.post("/Patient", json=_with_nid("RACE-1"), headers=cond) for _ in range(50))
+    )
     statuses = sorted(r.status_code for r in results)
     assert statuses == [200] * 49 + [201], statuses
     assert len({r.json()["id"] for r in results}) == 1
@@ -46,13 +47,23 @@ async def test_fifty_parallel_conditional_creates_make_one(client: httpx.AsyncCl
 
 
 async def test_transaction_rewrites_urn_uuid_and_is_atomic(client: httpx.AsyncClient) -> None:
-    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"fullUrl": "urn:uuid:61ebe359-bfdc-4613-8bf2-c5e300945f0a",
-         "resource": observation("x") | {"subject": {"reference": "urn:uuid:88f151c0-a954-468a-88bd-5ae15c08e059"}},
-         "request": {"method": "POST", "url": "Observation"}},
-        {"fullUrl": "urn:uuid:88f151c0-a954-468a-88bd-5ae15c08e059", "resource": _with_nid("T-1"),
-         "request": {"method": "POST", "url": "Patient"}},
-    ]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "fullUrl": "urn:uuid:61ebe359-bfdc-4613-8bf2-c5e300945f0a",
+                "resource": observation("x")
+                | {"subject": {"reference": "urn:uuid:88f151c0-a954-468a-88bd-5ae15c08e059"}},
+                "request": {"method": "POST", "url": "Observation"},
+            },
+            {
+                "fullUrl": "urn:uuid:88f151c0-a954-468a-88bd-5ae15c08e059",
+                "resource": _with_nid("T-1"),
+                "request": {"method": "POST", "url": "Patient"},
+            },
+        ],
+    }
     r = await client.post("/", json=bundle)
     assert r.status_code == 200, r.text
     out = r.json()
@@ -68,33 +79,58 @@ async def test_transaction_rewrites_urn_uuid_and_is_atomic(client: httpx.AsyncCl
 async def test_transaction_conditional_reference_and_if_none_exist(client: httpx.AsyncClient, facility: str) -> None:
     pid = (await create(client, _with_nid("C-1")))["id"]
     await client.post("/Patient", json=_with_nid("C-1"), headers={"X-Facility-Id": facility + "-o"})
-    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"resource": observation("x") | {"subject": {"reference": f"Patient?identifier={NID}|C-1"}},
-         "request": {"method": "POST", "url": "Observation"}},
-        {"fullUrl": "urn:uuid:0f0f0f0f-0000-4000-8000-000000000001", "resource": _with_nid("C-1"),
-         "request": {"method": "POST", "url": "Patient", "ifNoneExist": f"identifier={NID}|C-1"}},
-        {"resource": observation("y") | {"subject": {"reference": "urn:uuid:0f0f0f0f-0000-4000-8000-000000000001"}},
-         "request": {"method": "POST", "url": "Observation"}},
-    ]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "resource": observation("x") | {"subject": {"reference": f"Patient?identifier={NID}|C-1"}},
+                "request": {"method": "POST", "url": "Observation"},
+            },
+            {
+                "fullUrl": "urn:uuid:0f0f0f0f-0000-4000-8000-000000000001",
+                "resource": _with_nid("C-1"),
+                "request": {"method": "POST", "url": "Patient", "ifNoneExist": f"identifier={NID}|C-1"},
+            },
+            {
+                "resource": observation("y")
+                | {"subject": {"reference": "urn:uuid:0f0f0f0f-0000-4000-8000-000000000001"}},
+                "request": {"method": "POST", "url": "Observation"},
+            },
+        ],
+    }
     r = await client.post("/", json=bundle)
     assert r.status_code == 200, r.text
     assert r.json()["entry"][1]["response"]["status"] == "200 OK"
     obs = (await client.get(f"/Patient/{pid}/observations")).json()["entry"]
     assert len(obs) == 2, "both references resolved to the one patient of this facility"
-    missing = {"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"resource": observation("x") | {"subject": {"reference": f"Patient?identifier={NID}|NOPE"}},
-         "request": {"method": "POST", "url": "Observation"}}]}
+    missing = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "resource": observation("x") | {"subject": {"reference": f"Patient?identifier={NID}|NOPE"}},
+                "request": {"method": "POST", "url": "Observation"},
+            }
+        ],
+    }
     assert_outcome(await client.post("/", json=missing), 400)
 
 
 async def test_transaction_cannot_reach_other_facility(client: httpx.AsyncClient, facility: str) -> None:
     other = facility + "-z"
     theirs = (await client.post("/Patient", json=patient("Theirs"), headers={"X-Facility-Id": other})).json()["id"]
-    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"request": {"method": "GET", "url": f"Patient/{theirs}"}}]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [{"request": {"method": "GET", "url": f"Patient/{theirs}"}}],
+    }
     assert_outcome(await client.post("/", json=bundle), 404)
-    put = {"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"resource": patient("Mine", id=theirs), "request": {"method": "PUT", "url": f"Patient/{theirs}"}}]}
+    put = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [{"resource": patient("Mine", id=theirs), "request": {"method": "PUT", "url": f"Patient/{theirs}"}}],
+    }
     r = await client.post("/", json=put)
     assert r.json()["entry"][0]["response"]["status"] == "201 Created"
     theirs_now = await client.get(f"/Patient/{theirs}", headers={"X-Facility-Id": other})
@@ -103,13 +139,17 @@ async def test_transaction_cannot_reach_other_facility(client: httpx.AsyncClient
 
 async def test_batch_entries_are_independent(client: httpx.AsyncClient) -> None:
     pid = (await create(client, patient()))["id"]
-    bundle = {"resourceType": "Bundle", "type": "batch", "entry": [
-        {"resource": patient("New"), "request": {"method": "POST", "url": "Patient"}},
-        {"resource": {"resourceType": "Observation"}, "request": {"method": "POST", "url": "Observation"}},
-        {"request": {"method": "GET", "url": f"Patient/{pid}"}},
-        {"request": {"method": "GET", "url": "Patient/nope"}},
-        {"request": {"method": "DELETE", "url": f"Patient/{pid}"}},
-    ]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [
+            {"resource": patient("New"), "request": {"method": "POST", "url": "Patient"}},
+            {"resource": {"resourceType": "Observation"}, "request": {"method": "POST", "url": "Observation"}},
+            {"request": {"method": "GET", "url": f"Patient/{pid}"}},
+            {"request": {"method": "GET", "url": "Patient/nope"}},
+            {"request": {"method": "DELETE", "url": f"Patient/{pid}"}},
+        ],
+    }
     r = await client.post("/", json=bundle)
     assert r.status_code == 200
     out = r.json()

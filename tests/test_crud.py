@@ -10,8 +10,10 @@ from tests.helpers import assert_outcome, create, observation, patient
 
 
 async def test_create_read_vread(client: httpx.AsyncClient) -> None:
-    r = await client.post("/Patient", json=patient(meta={"versionId": "99", "lastUpdated": "2001-01-01T00:00:00Z",
-                                                         "tag": [{"code": "keep-me"}]}))
+    r = await client.post(
+        "/Patient",
+        json=patient(meta={"versionId": "99", "lastUpdated": "2001-01-01T00:00:00Z", "tag": [{"code": "keep-me"}]}),
+    )
     assert r.status_code == 201
     body = r.json()
     pid = body["id"]
@@ -89,11 +91,13 @@ async def test_facilities_are_isolated(client: httpx.AsyncClient, facility: str)
 
 
 async def test_exact_json_survives(client: httpx.AsyncClient) -> None:
-    raw = (b'{"resourceType":"Observation","status":"final","code":{"text":"weight"},'
-           b'"effectiveInstant":"2024-03-05T10:00:00.120+05:30",'
-           b'"valueQuantity":{"value":72.50000,"unit":"kg"},'
-           b'"component":[{"code":{"text":"x"},"valueQuantity":{"value":1.0E+2}},'
-           b'{"code":{"text":"y"},"valueInteger":12345}]}')
+    raw = (
+        b'{"resourceType":"Observation","status":"final","code":{"text":"weight"},'
+        b'"effectiveInstant":"2024-03-05T10:00:00.120+05:30",'
+        b'"valueQuantity":{"value":72.50000,"unit":"kg"},'
+        b'"component":[{"code":{"text":"x"},"valueQuantity":{"value":1.0E+2}},'
+        b'{"code":{"text":"y"},"valueInteger":12345}]}'
+    )
     r = await client.post("/Observation", content=raw)
     assert r.status_code == 201, r.text
     text = (await client.get(f"/Observation/{r.json()['id']}")).text
@@ -104,8 +108,10 @@ async def test_exact_json_survives(client: httpx.AsyncClient) -> None:
 
 
 async def test_integer64_strings_survive(client: httpx.AsyncClient) -> None:
-    raw = (b'{"resourceType":"Observation","status":"final","code":{"text":"big"},'
-           b'"valueInteger":7,"extension":[{"url":"http://example.org/big","valueInteger64":"9223372036854775807"}]}')
+    raw = (
+        b'{"resourceType":"Observation","status":"final","code":{"text":"big"},'
+        b'"valueInteger":7,"extension":[{"url":"http://example.org/big","valueInteger64":"9223372036854775807"}]}'
+    )
     r = await client.post("/Observation", content=raw)
     assert r.status_code == 201, r.text
     text = (await client.get(f"/Observation/{r.json()['id']}")).text
@@ -151,7 +157,8 @@ async def test_history_cursor_bound_to_facility(client: httpx.AsyncClient, facil
     await client.put(f"/Patient/{pid}", json=patient("B", id=pid))
     page = (await client.get(f"/Patient/{pid}/_history", params={"_count": 1})).json()
     nxt = next(link["url"] for link in page["link"] if link["relation"] == "next").replace(
-        "http://testserver/fhir/r5", "")
+        "http://testserver/fhir/r5", ""
+    )
     replay = await client.get(nxt, headers={"X-Facility-Id": facility + "-x"})
     assert_outcome(replay, 400)
 

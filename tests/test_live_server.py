@@ -25,15 +25,23 @@ def live(backend: str, settings_for: Any, tmp_path_factory: pytest.TempPathFacto
 
 async def test_fhirpy_client(live: str, facility: str) -> None:
     client = AsyncFHIRClient(f"{live}/fhir/r5", extra_headers={"X-Facility-Id": facility})
-    patient = client.resource("Patient", name=[{"family": "Okafor", "given": ["Ada"]}], gender="female",
-                              birthDate="1980-02-03",
-                              identifier=[{"system": "https://unihealth.dev/fhir/sid/national-id", "value": "N-77"}])
+    patient = client.resource(
+        "Patient",
+        name=[{"family": "Okafor", "given": ["Ada"]}],
+        gender="female",
+        birthDate="1980-02-03",
+        identifier=[{"system": "https://unihealth.dev/fhir/sid/national-id", "value": "N-77"}],
+    )
     await patient.save()
     assert patient.id and patient["meta"]["versionId"] == "1"
-    obs = client.resource("Observation", status="final", code={"coding": [{"system": "http://loinc.org",
-                                                                           "code": "8867-4"}]},
-                          subject=patient.to_reference(), effectiveDateTime="2024-05-01T10:00:00Z",
-                          valueQuantity={"value": 61, "unit": "/min"})
+    obs = client.resource(
+        "Observation",
+        status="final",
+        code={"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+        subject=patient.to_reference(),
+        effectiveDateTime="2024-05-01T10:00:00Z",
+        valueQuantity={"value": 61, "unit": "/min"},
+    )
     await obs.save()
     patient["gender"] = "other"
     await patient.save()
@@ -41,8 +49,9 @@ async def test_fhirpy_client(live: str, facility: str) -> None:
     assert fetched["gender"] == "other" and fetched["meta"]["versionId"] == "2"
     found = await client.resources("Patient").search(family="okafor").fetch_all()
     assert [p.id for p in found] == [patient.id]
-    by_identifier = await client.resources("Patient").search(
-        identifier="https://unihealth.dev/fhir/sid/national-id|N-77").first()
+    by_identifier = (
+        await client.resources("Patient").search(identifier="https://unihealth.dev/fhir/sid/national-id|N-77").first()
+    )
     assert by_identifier is not None and by_identifier.id == patient.id
     observations = await client.resources("Observation").search(patient=patient.id).sort("-date").fetch()
     assert [o.id for o in observations] == [obs.id]
@@ -58,10 +67,14 @@ def test_serve_demo_answers_the_readme_curl(tmp_path: Path) -> None:
     first = next(r for r in demo_data.generate(1, DEMO_FACILITIES, DEMO_SEED) if r["resourceType"] == "Patient")
     facility = demo_data.facility_ids(DEMO_FACILITIES)[0]
     with serve(tmp_path, "--demo", env={"UNIHEALTH_DATABASE_URL": ""}) as base:
-        r = httpx.get(f"{base}/fhir/r5/Patient/{first['id']}/summary", params={"encounters": 3},
-                      headers={"X-Facility-Id": facility})
+        r = httpx.get(
+            f"{base}/fhir/r5/Patient/{first['id']}/summary",
+            params={"encounters": 3},
+            headers={"X-Facility-Id": facility},
+        )
         assert r.status_code == 200, r.text
         types = {e["resource"]["resourceType"] for e in r.json()["entry"]}
         assert {"Patient", "Encounter", "Observation"} <= types
-        assert (httpx.get(f"{base}/fhir/r5/Patient/{first['id']}",
-                          headers={"X-Facility-Id": demo_data.facility_ids(2)[1]})).status_code == 404
+        assert (
+            httpx.get(f"{base}/fhir/r5/Patient/{first['id']}", headers={"X-Facility-Id": demo_data.facility_ids(2)[1]})
+        ).status_code == 404

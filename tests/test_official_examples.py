@@ -33,7 +33,8 @@ async def test_official_examples_round_trip(client: httpx.AsyncClient) -> None:
         assert isinstance(got, dict)
         meta_sent = {k: v for k, v in sent.get("meta", {}).items() if k not in ("versionId", "lastUpdated")}
         meta_got = {k: v for k, v in got["meta"].items() if k not in ("versionId", "lastUpdated")}
-        if {k: v for k, v in got.items() if k != "meta"} != {k: v for k, v in sent.items() if k != "meta"} \
-                or meta_got != meta_sent:
+        if {k: v for k, v in got.items() if k != "meta"} != {
+            k: v for k, v in sent.items() if k != "meta"
+        } or meta_got != meta_sent:
             failures.append(f"{name}: read back differs")
     assert not failures, "\n".join(failures)

@@ -45,11 +45,21 @@ async def test_import_demo_data_and_read_summary(app: Starlette, tmp_path: Path)
     async with backends.repository(facilities[0], write=False) as repo:
         stored = await repo.read("Patient", patients[0]["id"])
         assert stored is not None and stored.version == 1
-        n_outbox = (await repo.conn.execute(select(func.count()).select_from(outbox).where(
-            outbox.c.facility == facilities[0], outbox.c.id == patients[0]["id"]))).scalar_one()
+        n_outbox = (
+            await repo.conn.execute(
+                select(func.count())
+                .select_from(outbox)
+                .where(outbox.c.facility == facilities[0], outbox.c.id == patients[0]["id"])
+            )
+        ).scalar_one()
         assert n_outbox == 1, "every write has its outbox row"
-        n_hist = (await repo.conn.execute(select(func.count()).select_from(resource_history).where(
-            resource_history.c.facility == facilities[0], resource_history.c.id == patients[0]["id"]))).scalar_one()
+        n_hist = (
+            await repo.conn.execute(
+                select(func.count())
+                .select_from(resource_history)
+                .where(resource_history.c.facility == facilities[0], resource_history.c.id == patients[0]["id"])
+            )
+        ).scalar_one()
         assert n_hist == 1
     # re-import is idempotent in content: new versions, same resources
     again = await import_file(backends, path, batch_size=1000)
@@ -57,12 +67,21 @@ async def test_import_demo_data_and_read_summary(app: Starlette, tmp_path: Path)
     async with backends.repository(facilities[0], write=False) as repo:
         stored = await repo.read("Patient", patients[0]["id"])
         assert stored is not None and stored.version == 2
-        count = (await repo.conn.execute(select(func.count()).select_from(resources).where(
-            resources.c.facility == facilities[0], resources.c.type == "Patient",
-            resources.c.id.in_([p["id"] for p in patients])))).scalar_one()
+        count = (
+            await repo.conn.execute(
+                select(func.count())
+                .select_from(resources)
+                .where(
+                    resources.c.facility == facilities[0],
+                    resources.c.type == "Patient",
+                    resources.c.id.in_([p["id"] for p in patients]),
+                )
+            )
+        ).scalar_one()
         assert count == 6  # patient i goes to facility i % 2
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t/fhir/r5",
-                                 headers={"X-Facility-Id": facilities[0]}) as c:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://t/fhir/r5", headers={"X-Facility-Id": facilities[0]}
+    ) as c:
         r = await c.get(f"/Patient/{patients[0]['id']}/summary")
         assert r.status_code == 200
         types = [e["resource"]["resourceType"] for e in r.json()["entry"]]

@@ -33,21 +33,33 @@ async def test_token_reference_date_and_sort(client: httpx.AsyncClient) -> None:
     hr = (await client.get("/Observation", params={"patient": pid, "code": f"{LOINC}|8867-4", "_sort": "-date"})).json()
     assert _ids(hr) == list(reversed(ids[:7]))
     assert _ids((await client.get("/Observation", params={"subject": f"Patient/{pid}", "code": "4548-4"})).json()) == [
-        ids[7]]
+        ids[7]
+    ]
     both = (await client.get("/Observation", params={"patient": pid, "code": "4548-4,8867-4"})).json()
     assert len(_ids(both)) == 8
     assert _ids((await client.get("/Observation", params={"patient": pid, "code:not": "8867-4"})).json()) == [ids[7]]
     march = (await client.get("/Observation", params={"patient": pid, "date": "2024-03", "_sort": "date"})).json()
     assert _ids(march) == ids[:7]
-    after = (await client.get("/Observation", params=[("patient", pid), ("date", "ge2024-03-05"),
-                                                      ("date", "lt2024-03-07")])).json()
+    after = (
+        await client.get("/Observation", params=[("patient", pid), ("date", "ge2024-03-05"), ("date", "lt2024-03-07")])
+    ).json()
     assert sorted(_ids(after)) == sorted(ids[4:6])
     assert _ids((await client.get("/Observation", params={"patient": pid, "date": "2024-03-02"})).json()) == [ids[1]]
     # timezone: 2024-03-01T08:00+01:00 is 07:00Z
-    assert _ids((await client.get("/Observation", params={"patient": pid, "date": "sa2024-03-01T07:30:00Z",
-                                                          "date:x": "1", "_sort": "date"})).json())[0] == ids[1]
-    assert _ids((await client.get("/Observation", params={"patient": pid, "status": "final",
-                                                          "category": "laboratory"})).json()) == [ids[7]]
+    assert (
+        _ids(
+            (
+                await client.get(
+                    "/Observation",
+                    params={"patient": pid, "date": "sa2024-03-01T07:30:00Z", "date:x": "1", "_sort": "date"},
+                )
+            ).json()
+        )[0]
+        == ids[1]
+    )
+    assert _ids(
+        (await client.get("/Observation", params={"patient": pid, "status": "final", "category": "laboratory"})).json()
+    ) == [ids[7]]
 
 
 async def test_string_search(client: httpx.AsyncClient) -> None:
@@ -56,8 +68,9 @@ async def test_string_search(client: httpx.AsyncClient) -> None:
     assert sorted(_ids((await client.get("/Patient", params={"name": "mul"})).json())) == sorted([a, b])
     assert _ids((await client.get("/Patient", params={"family:exact": "Müller"})).json()) == [a]
     assert _ids((await client.get("/Patient", params={"family:contains": "llin"})).json()) == [b]
-    assert _ids((await client.get("/Patient", params={"birthdate": "1970", "gender": "female",
-                                                      "_id": a})).json()) == [a]
+    assert _ids((await client.get("/Patient", params={"birthdate": "1970", "gender": "female", "_id": a})).json()) == [
+        a
+    ]
 
 
 async def test_unknown_params_reported_under_lenient(client: httpx.AsyncClient) -> None:
@@ -87,7 +100,7 @@ async def test_paging_is_keyset_and_bound_to_facility(client: httpx.AsyncClient,
             other_query = f"/Observation?patient={pid}&_sort=date&_count=3&_page={token}"
             assert_outcome(await client.get(other_query), 400)
     assert pages == 3
-    assert len(seen) == len(set(seen)) == 8
+    assert seen == [*reversed(ids[:7]), ids[7]], "newest first across pages, no gaps, no repeats"
     total = (await client.get("/Observation", params={"patient": pid, "_summary": "count"})).json()
     assert total["total"] == 8 and total["entry"] == []
 
@@ -104,16 +117,25 @@ async def test_search_never_crosses_facilities(client: httpx.AsyncClient, facili
 
 async def test_patient_observations_and_medication_requests(client: httpx.AsyncClient, facility: str) -> None:
     pid, ids = await _patient_with_obs(client)
-    r = (await client.get(f"/Patient/{pid}/observations", params={"category": "vital-signs", "_sort": "-date",
-                                                                  "_count": 5})).json()
+    r = (
+        await client.get(
+            f"/Patient/{pid}/observations", params={"category": "vital-signs", "_sort": "-date", "_count": 5}
+        )
+    ).json()
     assert r["type"] == "searchset" and _ids(r) == list(reversed(ids[:7]))[:5]
     nxt = _next(r)
     assert nxt and nxt.startswith(f"/Patient/{pid}/observations?")
     assert _ids((await client.get(nxt)).json()) == list(reversed(ids[:7]))[5:]
-    med = {"resourceType": "MedicationRequest", "status": "active", "intent": "order",
-           "medication": {"concept": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm",
-                                                  "code": "860975"}]}},
-           "subject": {"reference": f"Patient/{pid}"}, "authoredOn": "2024-01-01"}
+    med = {
+        "resourceType": "MedicationRequest",
+        "status": "active",
+        "intent": "order",
+        "medication": {
+            "concept": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "860975"}]}
+        },
+        "subject": {"reference": f"Patient/{pid}"},
+        "authoredOn": "2024-01-01",
+    }
     mid = (await create(client, med))["id"]
     await create(client, med | {"status": "completed"})
     meds = (await client.get(f"/Patient/{pid}/medication-requests", params={"status": "active"})).json()
@@ -128,18 +150,40 @@ async def test_summary(client: httpx.AsyncClient, facility: str) -> None:
     ref = {"reference": f"Patient/{pid}"}
     enc_ids = []
     for day in range(1, 8):
-        enc = {"resourceType": "Encounter", "status": "completed", "subject": ref,
-               "actualPeriod": {"start": f"2024-01-0{day}T09:00:00Z", "end": f"2024-01-0{day}T10:00:00Z"}}
+        enc = {
+            "resourceType": "Encounter",
+            "status": "completed",
+            "subject": ref,
+            "actualPeriod": {"start": f"2024-01-0{day}T09:00:00Z", "end": f"2024-01-0{day}T10:00:00Z"},
+        }
         enc_ids.append((await create(client, enc))["id"])
-    allergy = {"resourceType": "AllergyIntolerance", "patient": ref, "clinicalStatus": {"coding": [
-        {"system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical", "code": "active"}]},
-        "code": {"text": "penicillin"}}
+    allergy = {
+        "resourceType": "AllergyIntolerance",
+        "patient": ref,
+        "clinicalStatus": {
+            "coding": [
+                {"system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical", "code": "active"}
+            ]
+        },
+        "code": {"text": "penicillin"},
+    }
     active_allergy = (await create(client, allergy))["id"]
-    resolved = allergy | {"clinicalStatus": {"coding": [
-        {"system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical", "code": "resolved"}]}}
+    resolved = allergy | {
+        "clinicalStatus": {
+            "coding": [
+                {"system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical", "code": "resolved"}
+            ]
+        }
+    }
     await create(client, resolved)
-    cond = {"resourceType": "Condition", "subject": ref, "code": {"text": "diabetes"}, "clinicalStatus": {"coding": [
-        {"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}]}}
+    cond = {
+        "resourceType": "Condition",
+        "subject": ref,
+        "code": {"text": "diabetes"},
+        "clinicalStatus": {
+            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}]
+        },
+    }
     cond_id = (await create(client, cond))["id"]
     old_hr = (await create(client, observation(pid, when="2024-01-01T00:00:00Z")))["id"]
     new_hr = (await create(client, observation(pid, when="2024-02-01T00:00:00Z")))["id"]
