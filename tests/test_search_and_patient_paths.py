@@ -207,3 +207,17 @@ async def test_summary(client: httpx.AsyncClient, facility: str) -> None:
     default = (await client.get(f"/Patient/{pid}/summary")).json()
     assert sum(e["resource"]["resourceType"] == "Encounter" for e in default["entry"]) == 5
     assert_outcome(await client.get(f"/Patient/{pid}/summary", headers={"X-Facility-Id": facility + "-o"}), 404)
+
+
+async def test_post_search_equals_get(client: httpx.AsyncClient) -> None:
+    pid, ids = await _patient_with_obs(client)
+    form = {"patient": pid, "code": "8867-4", "_sort": "-date"}
+    posted = await client.post(
+        "/Observation/_search", data=form, headers={"Content-Type": "application/x-www-form-urlencoded"}
+    )
+    assert posted.status_code == 200, posted.text
+    got = (await client.get("/Observation", params=form)).json()
+    assert _ids(posted.json()) == _ids(got) == list(reversed(ids[:7]))
+    assert_outcome(
+        await client.post("/Observation/_search", content=b"<x/>", headers={"Content-Type": "application/xml"}), 415
+    )

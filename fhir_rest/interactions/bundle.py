@@ -15,6 +15,8 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
+import orjson
+
 from gateway.backends import Backends
 from gateway.context import RequestContext
 from subgraphs.store.dates import instant
@@ -78,8 +80,6 @@ def _response(result: Result, prefer: Prefer) -> dict[str, Any]:
     if result.last_modified:
         resp["lastModified"] = instant(result.last_modified)
     if result.body is not None and ((result.status == 200 and prefer != "minimal") or prefer == "representation"):
-        import orjson
-
         out["resource"] = orjson.Fragment(result.body) if isinstance(result.body, bytes) else result.body
     return out
 

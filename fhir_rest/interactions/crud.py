@@ -7,6 +7,7 @@ is absent or belongs to another facility is 404 either way; a deleted resource r
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import parse_qsl
 
 from gateway.context import RequestContext
 from subgraphs.store.errors import FhirError, bad_request, gone, not_found
@@ -85,8 +86,6 @@ async def create(
 
 async def conditional_match(repo: ResourceRepository, resource_type: str, criteria: str) -> list[str]:
     """Ids matching a conditional query, under a lock so concurrent identical requests serialize."""
-    from urllib.parse import parse_qsl
-
     criteria = criteria.split("?", 1)[1] if "?" in criteria else criteria
     try:
         pairs = parse_qsl(criteria, keep_blank_values=True, strict_parsing=True)

@@ -14,11 +14,11 @@ from urllib.parse import urlencode
 from gateway.context import RequestContext
 from subgraphs.store import cursor
 from subgraphs.store.dates import date_range, instant
-from subgraphs.store.errors import bad_request
+from subgraphs.store.errors import bad_request, not_found
 from subgraphs.store.repository import ResourceRepository, check_id, check_type
-from subgraphs.store.search import SearchQuery, parse_search
+from subgraphs.store.search import parse_search
 
-from ..results import Result, entry, information, searchset
+from ..results import Result, entry, fragment, information, searchset
 
 
 async def search(
@@ -106,16 +106,12 @@ async def history(
             raise bad_request("the paging cursor is not valid for this history") from None
     rows = await repo.history(resource_type, resource_id, since=since, count=count + 1, before=before)
     if resource_id is not None and not rows and before is None and since is None:
-        from subgraphs.store.errors import not_found
-
         raise not_found(resource_type or "", resource_id)
     entries: list[dict[str, Any]] = []
     for item in rows[:count]:
         r = item.resource
         e: dict[str, Any] = {"fullUrl": f"{ctx.base}/{r.type}/{r.id}"}
         if not r.deleted:
-            from ..results import fragment
-
             e["resource"] = fragment(r)
         e["request"] = {"method": item.method, "url": f"{r.type}/{r.id}" if item.method != "POST" else r.type}
         status = "204 No Content" if r.deleted else ("201 Created" if item.method == "POST" else "200 OK")
@@ -136,6 +132,3 @@ async def history(
         "entry": entries,
     }
     return Result(200, bundle)
-
-
-__all__ = ["SearchQuery", "history", "search"]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, false, not_, or_, select, true
+from sqlalchemy import ColumnElement, and_, not_, or_, select, true
 from sqlalchemy.sql.elements import ColumnElement as Col
 
 from .dates import date_range
@@ -172,10 +172,6 @@ def _control(query: SearchQuery, name: str, raw: str, known: dict[str, Param], m
             query.ignored.append(f"_summary={raw}")
     elif name == "_page":
         query.page = raw
-    elif name == "_format" and raw not in ("json", "application/json", "application/fhir+json"):
-        from .errors import FhirError
-
-        raise FhirError(415, "not-supported", f"_format {raw} is not supported; this server speaks JSON only")
 
 
 def _ids_matching(resource_type: str, facility: str, crit: Criterion) -> Any:
@@ -252,6 +248,3 @@ def where_clauses(query: SearchQuery, facility: str) -> list[ColumnElement[bool]
     if not out:
         out.append(true())
     return out
-
-
-__all__ = ["Criterion", "SearchQuery", "false", "parse_search", "where_clauses"]
