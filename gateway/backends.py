@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from subgraphs.store.database import Database
+from subgraphs.store.database import Database, open_database
 from subgraphs.store.repository import ResourceRepository
 
 from .settings import Settings
@@ -34,6 +34,8 @@ class Backends:
 
 async def open_backends(settings: Settings) -> Backends:
     """Connect to the configured database and bring its schema up to date."""
-    db = Database(settings.database_url)
+    db = open_database(settings.database_url)
     await db.create_schema()
+    if db.dialect == "sqlite":
+        await db.analyze()  # SQLite plans badly without statistics; bounded by analysis_limit
     return Backends(settings=settings, db=db)

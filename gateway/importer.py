@@ -104,4 +104,5 @@ async def import_file(
             raise FhirError(exc.status, exc.code, f"{path.name} line {number}: {exc.diagnostics}") from None
     for facility in list(pending):
         await flush(facility)
+    await backends.db.analyze()
     return written

@@ -14,12 +14,12 @@ from starlette.applications import Starlette
 
 from gateway import demo_data
 from gateway.importer import import_file
-from subgraphs.store.database import Database
+from subgraphs.store.database import PostgresDatabase
 from subgraphs.store.schema import metadata, outbox, resource_history, resources
 
 
 async def test_migrations_match_declared_schema(postgres_url: str) -> None:
-    db = Database(postgres_url)
+    db = PostgresDatabase(postgres_url)
     try:
         await db.create_schema()  # idempotent: upgrades to head
 

@@ -18,18 +18,19 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import and_, delete, func, insert, literal, or_, select, tuple_, update
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import and_, bindparam, delete, exists, func, insert, literal, or_, select, tuple_, update
+from sqlalchemy.sql.elements import BindParameter
 
 from . import fhirjson
-from .database import Database
+from .database import Database, SqlConnection
 from .dates import as_utc, instant
 from .errors import FhirError, bad_request, conflict_version
 from .params import PATIENT_PARAM, extract
 from .schema import INDEX_TABLES, idx_date, idx_reference, idx_token, outbox, resource_history, resources
-from .search import SearchQuery, where_clauses
+from .search import SearchQuery, Shape, criteria_sql, query_params, query_shape
 from .validation import SUPPORTED_TYPES, validate
 
 ID_MAX = 64
@@ -122,7 +123,7 @@ def document(
 
 
 class ResourceRepository:
-    def __init__(self, db: Database, conn: AsyncConnection, facility: str) -> None:
+    def __init__(self, db: Database, conn: SqlConnection, facility: str) -> None:
         self.db = db
         self.conn = conn
         self.facility = facility
@@ -135,7 +136,8 @@ class ResourceRepository:
 
     async def read(self, resource_type: str, resource_id: str) -> StoredResource | None:
         """The current version (a tombstone if deleted), or None if it never existed here."""
-        row = (await self.conn.execute(select(*_COLUMNS).where(self._key(resource_type, resource_id)))).first()
+        params = {"facility": self.facility, "type": resource_type, "id": resource_id}
+        row = (await self.conn.execute(_read_statement(), params)).first()
         return StoredResource.from_row(row) if row else None
 
     async def read_many(self, resource_type: str, ids: Sequence[str]) -> list[StoredResource]:
@@ -200,81 +202,37 @@ class ResourceRepository:
 
     async def search(self, query: SearchQuery, *, after: list[Any] | None = None) -> SearchPage:
         """One page of matches of ``query`` (keyset paging; ``after`` is the last page's position)."""
-        conds = [
-            resources.c.facility == self.facility,
-            resources.c.type == query.type,
-            resources.c.deleted.is_(False),
-            *where_clauses(query, self.facility),
-        ]
+        shape = query_shape(query)
+        params = query_params(query, self.facility)
         total = None
         if query.total:
-            total = (await self.conn.execute(select(func.count()).where(*conds))).scalar_one()
+            total = (await self.conn.execute(_count_statement(shape), params)).scalar_one()
         if query.summary_count or query.count == 0:
             return SearchPage([], None, total)
-        sort_key, descending = self._sort_key(query)
-        stmt = select(*_COLUMNS, sort_key.label("sk")).where(*conds)
+        sort = query.sort[0] if query.sort else ("_id", False)
+        params["limit"] = query.count + 1
+        if sort[0] not in ("_id", "_lastUpdated"):
+            params["sort_param"] = sort[0]
         if after is not None:
             try:
-                value = (
-                    datetime.fromisoformat(after[0])
-                    if isinstance(after[0], str) and sort_key is not resources.c.id
-                    else after[0]
-                )
-                last_id = str(after[1])
+                params["after_id"] = str(after[1])
+                params["after_value"] = after[0] if sort[0] == "_id" else datetime.fromisoformat(after[0])
             except (ValueError, IndexError, TypeError):
                 raise bad_request("the paging cursor is not valid for this search") from None
-            bound = literal(value, sort_key.type)
-            if descending:
-                stmt = stmt.where(or_(sort_key < bound, and_(sort_key == bound, resources.c.id < last_id)))
-            else:
-                stmt = stmt.where(or_(sort_key > bound, and_(sort_key == bound, resources.c.id > last_id)))
-        order = (sort_key.desc(), resources.c.id.desc()) if descending else (sort_key.asc(), resources.c.id.asc())
-        rows = list(await self.conn.execute(stmt.order_by(*order).limit(query.count + 1)))
+        rows = list(await self.conn.execute(_search_statement(shape, sort, after is not None), params))
         page = [StoredResource.from_row(r) for r in rows[: query.count]]
         position = None
         if len(rows) > query.count:
             last = rows[query.count - 1]
-            sk = last.sk
-            position = [as_utc(sk).isoformat() if isinstance(sk, datetime) else sk, last.id]
+            position = [as_utc(last.sk).isoformat() if isinstance(last.sk, datetime) else last.sk, last.id]
         if total is None and after is None and position is None:
             total = len(page)  # the whole result is on this first page: the total is free
         return SearchPage(page, position, total)
 
-    def _sort_key(self, query: SearchQuery) -> tuple[Any, bool]:
-        if not query.sort:
-            return resources.c.id, False
-        name, descending = query.sort[0]
-        if name == "_id":
-            return resources.c.id, descending
-        if name == "_lastUpdated":
-            return resources.c.last_updated, descending
-        far = datetime(1, 1, 1, tzinfo=UTC) if descending else datetime(9999, 12, 31, tzinfo=UTC)
-        agg = func.max(idx_date.c.low) if descending else func.min(idx_date.c.low)
-        sub = (
-            select(agg)
-            .where(
-                idx_date.c.facility == resources.c.facility,
-                idx_date.c.type == resources.c.type,
-                idx_date.c.id == resources.c.id,
-                idx_date.c.param == name,
-            )
-            .scalar_subquery()
-        )
-        return func.coalesce(sub, literal(far, idx_date.c.low.type)), descending
-
     async def find_ids(self, query: SearchQuery, limit: int = 2) -> list[str]:
         """Ids of up to ``limit`` current resources matching ``query`` (conditional operations)."""
-        stmt = (
-            select(resources.c.id)
-            .where(
-                resources.c.facility == self.facility,
-                resources.c.type == query.type,
-                resources.c.deleted.is_(False),
-                *where_clauses(query, self.facility),
-            )
-            .limit(limit)
-        )
-        return list((await self.conn.execute(stmt)).scalars())
+        params = {**query_params(query, self.facility), "limit": limit}
+        return list((await self.conn.execute(_find_statement(query_shape(query)), params)).scalars())
 
     async def latest_per_code(
         self,
@@ -284,57 +242,14 @@ class ResourceRepository:
         exclude_status: Sequence[str] = ("entered-in-error", "cancelled"),
     ) -> list[StoredResource]:
         """The newest (by ``date``) resource of each code in the patient's compartment and categories."""
-        t, d = idx_token, idx_date
-        in_patient = select(idx_reference.c.id).where(
-            idx_reference.c.facility == self.facility,
-            idx_reference.c.type == resource_type,
-            idx_reference.c.param == PATIENT_PARAM,
-            idx_reference.c.target_type == "Patient",
-            idx_reference.c.target_id == patient_id,
-        )
-        cat = t.alias("cat")
-        in_category = select(cat.c.id).where(
-            cat.c.facility == self.facility,
-            cat.c.type == resource_type,
-            cat.c.param == "category",
-            cat.c.code.in_(list(categories)),
-        )
-        st = t.alias("st")
-        bad_status = select(st.c.id).where(
-            st.c.facility == self.facility,
-            st.c.type == resource_type,
-            st.c.param == "status",
-            st.c.code.in_(list(exclude_status)),
-        )
-        ranked = (
-            select(
-                t.c.id,
-                func.row_number()
-                .over(partition_by=(t.c.system, t.c.code), order_by=(d.c.low.desc(), t.c.id.desc()))
-                .label("rn"),
-            )
-            .join(d, and_(d.c.facility == t.c.facility, d.c.type == t.c.type, d.c.id == t.c.id, d.c.param == "date"))
-            .where(
-                t.c.facility == self.facility,
-                t.c.type == resource_type,
-                t.c.param == "code",
-                t.c.id.in_(in_patient),
-                t.c.id.in_(in_category),
-                t.c.id.not_in(bad_status),
-            )
-            .subquery()
-        )
-        stmt = (
-            select(*_COLUMNS)
-            .where(
-                resources.c.facility == self.facility,
-                resources.c.type == resource_type,
-                resources.c.deleted.is_(False),
-                resources.c.id.in_(select(ranked.c.id).where(ranked.c.rn == 1)),
-            )
-            .order_by(resources.c.id)
-        )
-        return [StoredResource.from_row(r) for r in await self.conn.execute(stmt)]
+        params = {
+            "facility": self.facility,
+            "type": resource_type,
+            "patient": patient_id,
+            "categories": list(categories),
+            "bad_status": list(exclude_status),
+        }
+        return [StoredResource.from_row(r) for r in await self.conn.execute(_latest_statement(), params)]
 
     # ---------------------------------------------------------------- writes
     async def lock(self, key: str) -> None:
@@ -478,6 +393,129 @@ class ResourceRepository:
         for kind, rows in index_rows.items():
             await conn.execute(insert(INDEX_TABLES[kind]), rows)
         await conn.execute(insert(outbox), events)
+
+
+@lru_cache(maxsize=1)
+def _latest_statement() -> Any:
+    """Newest row of each code (window over the date index) in one patient's compartment."""
+    t, d = idx_token, idx_date
+    in_patient = select(idx_reference.c.id).where(
+        idx_reference.c.facility == bindparam("facility"),
+        idx_reference.c.type == bindparam("type"),
+        idx_reference.c.param == PATIENT_PARAM,
+        idx_reference.c.target_type == "Patient",
+        idx_reference.c.target_id == bindparam("patient"),
+    )
+    cat, st = t.alias("cat"), t.alias("st")
+    in_category = exists().where(
+        cat.c.facility == t.c.facility,
+        cat.c.type == t.c.type,
+        cat.c.id == t.c.id,
+        cat.c.param == "category",
+        cat.c.code.in_(bindparam("categories", expanding=True)),
+    )
+    bad_status = exists().where(
+        st.c.facility == t.c.facility,
+        st.c.type == t.c.type,
+        st.c.id == t.c.id,
+        st.c.param == "status",
+        st.c.code.in_(bindparam("bad_status", expanding=True)),
+    )
+    ranked = (
+        select(
+            t.c.id,
+            func.row_number()
+            .over(partition_by=(t.c.system, t.c.code), order_by=(d.c.low.desc(), t.c.id.desc()))
+            .label("rn"),
+        )
+        .join(d, and_(d.c.facility == t.c.facility, d.c.type == t.c.type, d.c.id == t.c.id, d.c.param == "date"))
+        .where(
+            t.c.facility == bindparam("facility"),
+            t.c.type == bindparam("type"),
+            t.c.param == "code",
+            t.c.id.in_(in_patient),
+            in_category,
+            ~bad_status,
+        )
+        .subquery()
+    )
+    stmt = (
+        select(*_COLUMNS)
+        .where(
+            resources.c.facility == bindparam("facility"),
+            resources.c.type == bindparam("type"),
+            resources.c.deleted.is_(False),
+            resources.c.id.in_(select(ranked.c.id).where(ranked.c.rn == 1)),
+        )
+        .order_by(resources.c.id)
+    )
+    return stmt
+
+
+@lru_cache(maxsize=1)
+def _read_statement() -> Any:
+    return select(*_COLUMNS).where(
+        resources.c.facility == bindparam("facility"),
+        resources.c.type == bindparam("type"),
+        resources.c.id == bindparam("id"),
+    )
+
+
+def _matching(shape: Shape) -> list[Any]:
+    return [
+        resources.c.facility == bindparam("facility"),
+        resources.c.type == bindparam("type"),
+        resources.c.deleted.is_(False),
+        *criteria_sql(shape),
+    ]
+
+
+@lru_cache(maxsize=1024)
+def _count_statement(shape: Shape) -> Any:
+    return select(func.count()).where(*_matching(shape))
+
+
+@lru_cache(maxsize=1024)
+def _find_statement(shape: Shape) -> Any:
+    return select(resources.c.id).where(*_matching(shape)).limit(bindparam("limit"))
+
+
+def _sort_key(name: str, descending: bool) -> Any:
+    """``_id``, ``_lastUpdated``, or a date parameter (its lowest / highest indexed instant)."""
+    if name == "_id":
+        return resources.c.id
+    if name == "_lastUpdated":
+        return resources.c.last_updated
+    far = datetime(1, 1, 1, tzinfo=UTC) if descending else datetime(9999, 12, 31, tzinfo=UTC)
+    agg = func.max(idx_date.c.low) if descending else func.min(idx_date.c.low)
+    sub = (
+        select(agg)
+        .where(
+            idx_date.c.facility == resources.c.facility,
+            idx_date.c.type == resources.c.type,
+            idx_date.c.id == resources.c.id,
+            idx_date.c.param == bindparam("sort_param"),
+        )
+        .scalar_subquery()
+    )
+    return func.coalesce(sub, literal(far, idx_date.c.low.type))
+
+
+@lru_cache(maxsize=1024)
+def _search_statement(shape: Shape, sort: tuple[str, bool], paged: bool) -> Any:
+    """A page of matches ordered by (sort key, id); ``paged`` adds the keyset predicate."""
+    name, descending = sort
+    key = _sort_key(name, descending)
+    stmt = select(*_COLUMNS, key.label("sk")).where(*_matching(shape))
+    if paged:
+        value = bindparam("after_value", type_=key.type)
+        last_id: BindParameter[Any] = bindparam("after_id")
+        if descending:
+            stmt = stmt.where(or_(key < value, and_(key == value, resources.c.id < last_id)))
+        else:
+            stmt = stmt.where(or_(key > value, and_(key == value, resources.c.id > last_id)))
+    order = (key.desc(), resources.c.id.desc()) if descending else (key.asc(), resources.c.id.asc())
+    return stmt.order_by(*order).limit(bindparam("limit"))
 
 
 def _chunks(items: list[str], size: int) -> Iterable[list[str]]:

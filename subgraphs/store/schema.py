@@ -95,7 +95,7 @@ def _index_table(name: str, *columns: Column[object], lookup: tuple[str, ...]) -
         *_key_columns(),
         Column("param", String(64), nullable=False),
         *columns,
-        Index(f"ix_{name}_res", "facility", "type", "id"),
+        Index(f"ix_{name}_res", "facility", "type", "id", "param"),
         Index(f"ix_{name}_lookup", "facility", "type", "param", *lookup),
     )
 

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, not_, or_, select, true
+from sqlalchemy import ColumnElement, and_, bindparam, not_, or_, select, true
+from sqlalchemy.sql.elements import BindParameter
 from sqlalchemy.sql.elements import ColumnElement as Col
 
 from .dates import date_range
@@ -174,48 +176,118 @@ def _control(query: SearchQuery, name: str, raw: str, known: dict[str, Param], m
         query.page = raw
 
 
-def _ids_matching(resource_type: str, facility: str, crit: Criterion) -> Any:
-    """A subquery of resource ids that match ``crit`` (any of its values)."""
-    assert crit.param is not None
-    table = INDEX_TABLES[crit.param.kind]
-    ors: list[ColumnElement[bool]] = []
-    for value in crit.values:
-        if crit.param.kind == "token":
-            system, code = value
-            cond: list[ColumnElement[bool]] = []
-            if code is not None:
-                cond.append(table.c.code == code)
-            if system == "":
-                cond.append(table.c.system.is_(None))
-            elif system is not None:
-                cond.append(table.c.system == system)
-            ors.append(and_(true(), *cond))
-        elif crit.param.kind == "reference":
-            target_type, target_id = value
-            cond = [table.c.target_id == target_id]
-            if target_type is not None:
-                cond.append(table.c.target_type == target_type)
-            ors.append(and_(*cond))
-        elif crit.param.kind == "date":
-            ors.append(_date_condition(table.c.low, table.c.high, value))
-        else:  # string
-            if crit.modifier == "contains":
-                ors.append(table.c.value.contains(value, autoescape=True))
+Shape = tuple[Any, ...]
+
+
+def _value_shape(kind: str, modifier: str | None, value: Any) -> tuple[Any, ...]:
+    """What of a value changes the SQL (never the value itself)."""
+    if kind == "token":
+        return (value[0] is None, value[0] == "", value[1] is None)
+    if kind == "reference":
+        return (value[0] is None,)
+    if kind == "date":
+        return (value[0],)  # the prefix
+    return (modifier,)
+
+
+def _kind(crit: Criterion) -> str:
+    if crit.name == "_lastUpdated":
+        return "date"
+    return crit.param.kind if crit.param is not None else crit.name
+
+
+def query_shape(query: SearchQuery) -> Shape:
+    """The SQL-relevant structure of ``query``: equal shapes compile to the same statement."""
+    return tuple(
+        (c.name, c.modifier, _kind(c), tuple(_value_shape(_kind(c), c.modifier, v) for v in c.values))
+        for c in query.criteria
+    )
+
+
+def _like_escape(value: str) -> str:
+    return value.replace("/", "//").replace("%", "/%").replace("_", "/_")
+
+
+def query_params(query: SearchQuery, facility: str) -> dict[str, Any]:
+    """Bound values for :func:`criteria_sql` of this query's shape (names ``c{i}...``)."""
+    out: dict[str, Any] = {"facility": facility, "type": query.type}
+    for i, crit in enumerate(query.criteria):
+        kind = _kind(crit)
+        if crit.name == "_id":
+            out[f"c{i}"] = list(crit.values)
+            continue
+        if crit.param is not None:
+            out[f"c{i}p"] = crit.param.name
+        for j, value in enumerate(crit.values):
+            name = f"c{i}v{j}"
+            if kind in ("token", "reference"):
+                if value[0]:
+                    out[name + "a"] = value[0]
+                if value[1] is not None:
+                    out[name + "b"] = value[1]
+            elif kind == "date":
+                out[name + "a"], out[name + "b"] = value[1], value[2]
             elif crit.modifier == "exact":
-                ors.append(table.c.value == normalize_string(value))  # index holds the normalized form
+                out[name + "a"] = normalize_string(value)  # the index holds the normalized form
             else:
-                ors.append(table.c.value.startswith(value, autoescape=True))
+                out[name + "a"] = _like_escape(value)
+    return out
+
+
+@lru_cache(maxsize=4096)
+def criteria_sql(shape: Shape) -> tuple[ColumnElement[bool], ...]:
+    """SQL conditions on ``resources`` for a query shape (AND of parameters, OR within one); every
+    index subquery carries ``facility = :facility``. Bind with :func:`query_params`."""
+    out: list[ColumnElement[bool]] = []
+    for i, (name, modifier, kind, values) in enumerate(shape):
+        if name == "_id":
+            out.append(resources.c.id.in_(bindparam(f"c{i}", expanding=True)))
+        elif name == "_lastUpdated":
+            col = resources.c.last_updated
+            out.append(or_(*(_date_condition(col, col, v[0], f"c{i}v{j}") for j, v in enumerate(values))))
+        else:
+            ids = _ids_matching(i, kind, modifier, values)
+            out.append(not_(resources.c.id.in_(ids)) if modifier == "not" else resources.c.id.in_(ids))
+    return tuple(out) or (true(),)
+
+
+def _ids_matching(i: int, kind: str, modifier: str | None, values: tuple[Any, ...]) -> Any:
+    """A subquery of resource ids that match criterion ``i`` (any of its values)."""
+    table = INDEX_TABLES[kind]
+    ors: list[ColumnElement[bool]] = []
+    for j, vshape in enumerate(values):
+        a: BindParameter[Any] = bindparam(f"c{i}v{j}a")
+        b: BindParameter[Any] = bindparam(f"c{i}v{j}b")
+        if kind == "token":
+            no_system, empty_system, no_code = vshape
+            cond: list[ColumnElement[bool]] = [] if no_code else [table.c.code == b]
+            if empty_system:
+                cond.append(table.c.system.is_(None))
+            elif not no_system:
+                cond.append(table.c.system == a)
+            ors.append(and_(true(), *cond))
+        elif kind == "reference":
+            (no_type,) = vshape
+            ors.append(table.c.target_id == b if no_type else and_(table.c.target_id == b, table.c.target_type == a))
+        elif kind == "date":
+            ors.append(_date_condition(table.c.low, table.c.high, vshape[0], f"c{i}v{j}"))
+        elif modifier == "contains":
+            ors.append(table.c.value.contains(a, escape="/"))
+        elif modifier == "exact":
+            ors.append(table.c.value == a)
+        else:
+            ors.append(table.c.value.startswith(a, escape="/"))
     return select(table.c.id).where(
-        table.c.facility == facility,
-        table.c.type == resource_type,
-        table.c.param == crit.param.name,
+        table.c.facility == bindparam("facility"),
+        table.c.type == bindparam("type"),
+        table.c.param == bindparam(f"c{i}p"),
         or_(*ors),
     )
 
 
-def _date_condition(low: Col[Any], high: Col[Any], value: tuple[str, datetime, datetime]) -> ColumnElement[bool]:
+def _date_condition(low: Col[Any], high: Col[Any], prefix: str, name: str) -> ColumnElement[bool]:
     """R5 date-search semantics: the resource's range [low, high] against the value's [vlo, vhi]."""
-    prefix, vlo, vhi = value
+    vlo, vhi = bindparam(name + "a", type_=low.type), bindparam(name + "b", type_=low.type)
     if prefix == "eq":
         return and_(low >= vlo, high <= vhi)
     if prefix == "ne":
@@ -228,23 +300,3 @@ def _date_condition(low: Col[Any], high: Col[Any], value: tuple[str, datetime, d
     if prefix == "ge":
         return or_(high > vhi, within)
     return or_(low < vlo, within)  # le
-
-
-def where_clauses(query: SearchQuery, facility: str) -> list[ColumnElement[bool]]:
-    """SQL conditions on ``resources`` for every criterion (AND of parameters, OR within one)."""
-    out: list[ColumnElement[bool]] = []
-    for crit in query.criteria:
-        if crit.name == "_id":
-            out.append(resources.c.id.in_(list(crit.values)))
-        elif crit.name == "_lastUpdated":
-            out.append(
-                or_(*(_date_condition(resources.c.last_updated, resources.c.last_updated, v) for v in crit.values))
-            )
-        elif crit.modifier == "not":
-            positive = Criterion(crit.name, None, crit.values, crit.param)
-            out.append(not_(resources.c.id.in_(_ids_matching(query.type, facility, positive))))
-        else:
-            out.append(resources.c.id.in_(_ids_matching(query.type, facility, crit)))
-    if not out:
-        out.append(true())
-    return out

@@ -28,7 +28,7 @@ def upgrade() -> None:
         sa.Column("high", sa.DateTime(timezone=True), nullable=False),
     )
     op.create_index("ix_idx_date_lookup", "idx_date", ["facility", "type", "param", "low", "high"], unique=False)
-    op.create_index("ix_idx_date_res", "idx_date", ["facility", "type", "id"], unique=False)
+    op.create_index("ix_idx_date_res", "idx_date", ["facility", "type", "id", "param"], unique=False)
     op.create_table(
         "idx_reference",
         sa.Column("facility", sa.String(length=64), nullable=False),
@@ -44,7 +44,7 @@ def upgrade() -> None:
         ["facility", "type", "param", "target_id", "target_type"],
         unique=False,
     )
-    op.create_index("ix_idx_reference_res", "idx_reference", ["facility", "type", "id"], unique=False)
+    op.create_index("ix_idx_reference_res", "idx_reference", ["facility", "type", "id", "param"], unique=False)
     op.create_table(
         "idx_string",
         sa.Column("facility", sa.String(length=64), nullable=False),
@@ -54,7 +54,7 @@ def upgrade() -> None:
         sa.Column("value", sa.String(length=255), nullable=False),
     )
     op.create_index("ix_idx_string_lookup", "idx_string", ["facility", "type", "param", "value"], unique=False)
-    op.create_index("ix_idx_string_res", "idx_string", ["facility", "type", "id"], unique=False)
+    op.create_index("ix_idx_string_res", "idx_string", ["facility", "type", "id", "param"], unique=False)
     op.create_table(
         "idx_token",
         sa.Column("facility", sa.String(length=64), nullable=False),
@@ -65,7 +65,7 @@ def upgrade() -> None:
         sa.Column("code", sa.String(length=255), nullable=False),
     )
     op.create_index("ix_idx_token_lookup", "idx_token", ["facility", "type", "param", "code", "system"], unique=False)
-    op.create_index("ix_idx_token_res", "idx_token", ["facility", "type", "id"], unique=False)
+    op.create_index("ix_idx_token_res", "idx_token", ["facility", "type", "id", "param"], unique=False)
     op.create_table(
         "outbox",
         sa.Column("seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False),
