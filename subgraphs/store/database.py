@@ -8,8 +8,8 @@ Contract (:class:`Database`, implemented by :class:`SqliteDatabase` and :class:`
 * ``create_schema()`` brings an empty database to the current schema; ``analyze()`` refreshes
   planner statistics; ``dispose()`` closes every connection.
 
-Embedded SQLite runs statements synchronously in the event-loop thread (stdlib ``sqlite3`` through
-SQLAlchemy's pysqlite dialect): a point read costs ~10 µs there against ~200 µs through a
+Embedded SQLite runs statements synchronously in the event-loop thread (the DB-API module from
+:func:`sqlite_module`, through SQLAlchemy's pysqlite dialect): a point read costs ~10 µs there against ~200 µs through a
 thread-hopping async driver, and SQLite has no network wait worth yielding for. Writers are
 serialized by one asyncio lock (held across the transaction's awaits) plus ``BEGIN IMMEDIATE``
 against other processes; readers use WAL snapshots and never wait. PostgreSQL uses asyncpg.
@@ -73,6 +73,26 @@ class InlineConnection:
         return self.sync_connection.execute(statement, parameters)
 
 
+MIN_SQLITE = (3, 45, 0)
+
+
+def sqlite_module() -> Any:
+    """The DB-API module for SQLite: ``pysqlite3`` (bundles a current SQLite) when installed, else
+    the stdlib's. SQLite 3.40 (Debian 12's) returns wrong rows for ``id IN (subquery) ORDER BY
+    <correlated subquery> LIMIT n`` — our keyset-paged searches — so older libraries are refused."""
+    try:
+        import pysqlite3.dbapi2 as module  # type: ignore[import-untyped,unused-ignore]
+    except ImportError:
+        import sqlite3 as module
+    version = tuple(int(x) for x in module.sqlite_version.split("."))
+    if version < MIN_SQLITE:
+        raise RuntimeError(
+            f"SQLite {module.sqlite_version} is too old (need {'.'.join(map(str, MIN_SQLITE))}+); "
+            "install pysqlite3-binary"
+        )
+    return module
+
+
 class SqliteDatabase:
     dialect: Dialect = "sqlite"
 
@@ -82,7 +102,11 @@ class SqliteDatabase:
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.engine: Engine = create_engine(
-            f"sqlite:///{path}", connect_args={"timeout": 30, "check_same_thread": False}, pool_size=8, max_overflow=8
+            f"sqlite:///{path}",
+            module=sqlite_module(),
+            connect_args={"timeout": 30, "check_same_thread": False},
+            pool_size=8,
+            max_overflow=8,
         )
         _configure_sqlite(self.engine)
         self._write_lock = asyncio.Lock()

@@ -208,18 +208,18 @@ def _like_escape(value: str) -> str:
     return value.replace("/", "//").replace("%", "/%").replace("_", "/_")
 
 
-def query_params(query: SearchQuery, facility: str) -> dict[str, Any]:
-    """Bound values for :func:`criteria_sql` of this query's shape (names ``c{i}...``)."""
+def query_params(query: SearchQuery, facility: str, prefix: str = "c") -> dict[str, Any]:
+    """Bound values for :func:`criteria_sql` of this query's shape (names ``{prefix}{i}...``)."""
     out: dict[str, Any] = {"facility": facility, "type": query.type}
     for i, crit in enumerate(query.criteria):
         kind = _kind(crit)
         if crit.name == "_id":
-            out[f"c{i}"] = list(crit.values)
+            out[f"{prefix}{i}"] = list(crit.values)
             continue
         if crit.param is not None:
-            out[f"c{i}p"] = crit.param.name
+            out[f"{prefix}{i}p"] = crit.param.name
         for j, value in enumerate(crit.values):
-            name = f"c{i}v{j}"
+            name = f"{prefix}{i}v{j}"
             if kind in ("token", "reference"):
                 if value[0]:
                     out[name + "a"] = value[0]
@@ -235,29 +235,29 @@ def query_params(query: SearchQuery, facility: str) -> dict[str, Any]:
 
 
 @lru_cache(maxsize=4096)
-def criteria_sql(shape: Shape) -> tuple[ColumnElement[bool], ...]:
+def criteria_sql(shape: Shape, prefix: str = "c") -> tuple[ColumnElement[bool], ...]:
     """SQL conditions on ``resources`` for a query shape (AND of parameters, OR within one); every
     index subquery carries ``facility = :facility``. Bind with :func:`query_params`."""
     out: list[ColumnElement[bool]] = []
     for i, (name, modifier, kind, values) in enumerate(shape):
         if name == "_id":
-            out.append(resources.c.id.in_(bindparam(f"c{i}", expanding=True)))
+            out.append(resources.c.id.in_(bindparam(f"{prefix}{i}", expanding=True)))
         elif name == "_lastUpdated":
             col = resources.c.last_updated
-            out.append(or_(*(_date_condition(col, col, v[0], f"c{i}v{j}") for j, v in enumerate(values))))
+            out.append(or_(*(_date_condition(col, col, v[0], f"{prefix}{i}v{j}") for j, v in enumerate(values))))
         else:
-            ids = _ids_matching(i, kind, modifier, values)
+            ids = _ids_matching(f"{prefix}{i}", kind, modifier, values)
             out.append(not_(resources.c.id.in_(ids)) if modifier == "not" else resources.c.id.in_(ids))
     return tuple(out) or (true(),)
 
 
-def _ids_matching(i: int, kind: str, modifier: str | None, values: tuple[Any, ...]) -> Any:
-    """A subquery of resource ids that match criterion ``i`` (any of its values)."""
+def _ids_matching(name: str, kind: str, modifier: str | None, values: tuple[Any, ...]) -> Any:
+    """A subquery of resource ids that match the criterion bound as ``name`` (any of its values)."""
     table = INDEX_TABLES[kind]
     ors: list[ColumnElement[bool]] = []
     for j, vshape in enumerate(values):
-        a: BindParameter[Any] = bindparam(f"c{i}v{j}a")
-        b: BindParameter[Any] = bindparam(f"c{i}v{j}b")
+        a: BindParameter[Any] = bindparam(f"{name}v{j}a")
+        b: BindParameter[Any] = bindparam(f"{name}v{j}b")
         if kind == "token":
             no_system, empty_system, no_code = vshape
             cond: list[ColumnElement[bool]] = [] if no_code else [table.c.code == b]
@@ -270,7 +270,7 @@ def _ids_matching(i: int, kind: str, modifier: str | None, values: tuple[Any, ..
             (no_type,) = vshape
             ors.append(table.c.target_id == b if no_type else and_(table.c.target_id == b, table.c.target_type == a))
         elif kind == "date":
-            ors.append(_date_condition(table.c.low, table.c.high, vshape[0], f"c{i}v{j}"))
+            ors.append(_date_condition(table.c.low, table.c.high, vshape[0], f"{name}v{j}"))
         elif modifier == "contains":
             ors.append(table.c.value.contains(a, escape="/"))
         elif modifier == "exact":
@@ -280,7 +280,7 @@ def _ids_matching(i: int, kind: str, modifier: str | None, values: tuple[Any, ..
     return select(table.c.id).where(
         table.c.facility == bindparam("facility"),
         table.c.type == bindparam("type"),
-        table.c.param == bindparam(f"c{i}p"),
+        table.c.param == bindparam(f"{name}p"),
         or_(*ors),
     )
 

@@ -1,0 +1,162 @@
+"""The write pipeline: from changes to rows in resources, history, index and outbox.
+
+Contract: :func:`plan` turns changes plus the current versions into the rows to write — each body
+validated against its R5 model (400 otherwise), stored as the client's JSON with the server's id
+and meta, its search index extracted, and one outbox event per change (412 on a stale
+``if_match``). :func:`apply` writes a :class:`WritePlan` with batched statements inside the
+caller's transaction. Nothing here checks access; the repository does, before and after.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, bindparam, delete, insert, select, update
+
+from . import fhirjson
+from .database import SqlConnection
+from .errors import conflict_version
+from .params import PATIENT_PARAM, extract
+from .records import Change, StoredResource, document
+from .schema import INDEX_TABLES, outbox, resource_history, resources
+from .validation import validate
+
+Versions = dict[tuple[str, str], tuple[int, bool]]  # (type, id) -> (version, deleted)
+
+
+@dataclass
+class WritePlan:
+    stored: list[tuple[StoredResource, bool]] = field(default_factory=list)  # (stored, created)
+    inserts: list[dict[str, Any]] = field(default_factory=list)
+    updates: list[dict[str, Any]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    index: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+
+
+async def current_versions(conn: SqlConnection, facility: str, changes: Sequence[Change]) -> Versions:
+    by_type: dict[str, list[str]] = defaultdict(list)
+    for change in changes:
+        by_type[change.type].append(change.id)
+    found: Versions = {}
+    stmt = select(resources.c.id, resources.c.version, resources.c.deleted).where(
+        resources.c.facility == bindparam("facility"),
+        resources.c.type == bindparam("type"),
+        resources.c.id.in_(bindparam("ids", expanding=True)),
+    )
+    for resource_type, ids in by_type.items():
+        for chunk in chunks(ids, 500):
+            rows = await conn.execute(stmt, {"facility": facility, "type": resource_type, "ids": chunk})
+            found.update({(resource_type, r.id): (r.version, bool(r.deleted)) for r in rows})
+    return found
+
+
+def plan(facility: str, changes: Sequence[Change], current: Versions, now: datetime) -> WritePlan:
+    out = WritePlan()
+    for change in changes:
+        prev = current.get((change.type, change.id))
+        prev_version, prev_deleted = prev if prev else (0, True)
+        if change.if_match is not None and (prev is None or prev_deleted or change.if_match != prev_version):
+            raise conflict_version(f'W/"{change.if_match}"', prev_version)
+        version = prev_version + 1
+        content: bytes | None = None
+        patient: str | None = None
+        if change.body is not None:
+            doc = document(change.body, change.type, change.id, version, now)
+            validate(change.type, doc)
+            content = fhirjson.dumps(doc)
+            patient = change.id if change.type == "Patient" else None
+            for kind, row in extract(change.type, doc):
+                if kind == "reference" and row["param"] == PATIENT_PARAM and patient is None:
+                    patient = row["target_id"]
+                out.index[kind].append({"facility": facility, "type": change.type, "id": change.id, **row})
+        deleted = change.body is None
+        row = {
+            "facility": facility,
+            "type": change.type,
+            "id": change.id,
+            "version": version,
+            "last_updated": now,
+            "deleted": deleted,
+            "content": content,
+        }
+        (out.updates if prev else out.inserts).append(row)
+        created = prev is None or prev_deleted
+        out.history.append({**row, "method": "DELETE" if deleted else ("POST" if prev is None else "PUT")})
+        out.events.append(
+            {
+                "event_id": str(uuid.uuid4()),
+                "facility": facility,
+                "type": change.type,
+                "id": change.id,
+                "version": version,
+                "operation": "delete" if deleted else ("create" if created else "update"),
+                "patient_id": patient,
+                "occurred_at": now,
+            }
+        )
+        out.stored.append((StoredResource(change.type, change.id, version, now, deleted, content), created))
+    return out
+
+
+async def apply(conn: SqlConnection, facility: str, p: WritePlan) -> None:
+    if p.inserts:
+        await conn.execute(insert(resources), p.inserts)
+    if p.updates:
+        stmt = (
+            update(resources)
+            .where(
+                and_(
+                    resources.c.facility == bindparam("k_facility"),
+                    resources.c.type == bindparam("k_type"),
+                    resources.c.id == bindparam("k_id"),
+                )
+            )
+            .values(
+                version=bindparam("u_version"),
+                last_updated=bindparam("u_last_updated"),
+                deleted=bindparam("u_deleted"),
+                content=bindparam("u_content"),
+            )
+        )
+        await conn.execute(
+            stmt,
+            [
+                {
+                    "k_facility": r["facility"],
+                    "k_type": r["type"],
+                    "k_id": r["id"],
+                    "u_version": r["version"],
+                    "u_last_updated": r["last_updated"],
+                    "u_deleted": r["deleted"],
+                    "u_content": r["content"],
+                }
+                for r in p.updates
+            ],
+        )
+        by_type: dict[str, list[str]] = defaultdict(list)
+        for r in p.updates:
+            by_type[r["type"]].append(r["id"])
+        for table in INDEX_TABLES.values():
+            for resource_type, ids in by_type.items():
+                for chunk in chunks(ids, 500):
+                    await conn.execute(
+                        delete(table).where(
+                            table.c.facility == facility, table.c.type == resource_type, table.c.id.in_(chunk)
+                        )
+                    )
+    await conn.execute(insert(resource_history), p.history)
+    for kind, rows in p.index.items():
+        if rows:
+            await conn.execute(insert(INDEX_TABLES[kind]), rows)
+    await conn.execute(insert(outbox), p.events)
+
+
+def chunks(items: list[str], size: int) -> Iterable[list[str]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
