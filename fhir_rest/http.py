@@ -15,6 +15,8 @@ from starlette.responses import Response
 
 from gateway.backends import Backends
 from gateway.context import RequestContext, check_facility
+from gateway.security.policy import policy_for
+from gateway.security.tokens import Principal, unauthorized
 from subgraphs.store import fhirjson
 from subgraphs.store.dates import http_date
 from subgraphs.store.errors import FhirError
@@ -38,10 +40,29 @@ def base_url(request: Request) -> str:
     return f"{request.url.scheme}://{request.url.netloc}/fhir/r5"
 
 
+def authenticate(request: Request) -> Principal:
+    """The verified bearer token's principal; 401 without a valid one."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise unauthorized("a Bearer token is required")
+    return backends(request).verifier.verify(token.strip())
+
+
 def context(request: Request) -> RequestContext:
+    """Authenticate, check the facility against the token, derive the access policy."""
     check_accept(request)
+    principal = authenticate(request)
     facility = check_facility(request.headers.get("x-facility-id"))
-    return RequestContext(facility=facility, base=base_url(request), request_id=request.headers.get("x-request-id", ""))
+    if facility not in principal.facilities:
+        raise FhirError(403, "forbidden", f"the token does not grant access to facility {facility}")
+    return RequestContext(
+        facility=facility,
+        base=base_url(request),
+        policy=policy_for(principal),
+        principal=principal,
+        request_id=request.headers.get("x-request-id", ""),
+    )
 
 
 def check_accept(request: Request) -> None:

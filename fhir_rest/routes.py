@@ -43,7 +43,7 @@ async def type_root(request: Request) -> Response:
     b = http.backends(request)
     if request.method == "POST":
         body = await http.json_body(request)
-        async with b.repository(ctx.facility, write=True) as repo:
+        async with b.session(ctx, write=True) as repo:
             result = await crud.create(
                 ctx, repo, resource_type, body, if_none_exist=request.headers.get("if-none-exist")
             )
@@ -71,7 +71,7 @@ async def _search(
 ) -> Response:
     b = http.backends(request)
     s = b.settings
-    async with b.repository(ctx.facility, write=False) as repo:
+    async with b.session(ctx, write=False) as repo:
         result = await search(
             ctx,
             repo,
@@ -92,22 +92,22 @@ async def instance(request: Request) -> Response:
     resource_type, resource_id = request.path_params["type"], request.path_params["id"]
     b = http.backends(request)
     if request.method == "GET":
-        async with b.repository(ctx.facility, write=False) as repo:
+        async with b.session(ctx, write=False) as repo:
             return http.render(await crud.read(repo, resource_type, resource_id))
     if request.method == "PUT":
         if_match = crud.parse_if_match(request.headers.get("if-match"))
         body = await http.json_body(request)
-        async with b.repository(ctx.facility, write=True) as repo:
+        async with b.session(ctx, write=True) as repo:
             result = await crud.update(ctx, repo, resource_type, resource_id, body, if_match=if_match)
         return http.render(result, http.prefer_return(request))
-    async with b.repository(ctx.facility, write=True) as repo:
+    async with b.session(ctx, write=True) as repo:
         return http.render(await crud.delete(repo, resource_type, resource_id))
 
 
 async def vread(request: Request) -> Response:
     ctx = http.context(request)
     p = request.path_params
-    async with http.backends(request).repository(ctx.facility, write=False) as repo:
+    async with http.backends(request).session(ctx, write=False) as repo:
         return http.render(await crud.vread(repo, p["type"], p["id"], p["vid"]))
 
 
@@ -117,7 +117,7 @@ async def history_route(request: Request) -> Response:
     b = http.backends(request)
     resource_type, resource_id = p.get("type"), p.get("id")
     url = "/".join(x for x in (ctx.base, resource_type, resource_id, "_history") if x)
-    async with b.repository(ctx.facility, write=False) as repo:
+    async with b.session(ctx, write=False) as repo:
         result = await history(
             ctx,
             repo,
@@ -150,7 +150,7 @@ async def summary(request: Request) -> Response:
     ctx = http.context(request)
     patient_id = check_id(request.path_params["id"])
     encounters = _encounters(request)
-    async with http.backends(request).repository(ctx.facility, write=False) as repo:
+    async with http.backends(request).session(ctx, write=False) as repo:
         bundle_ = await patient_summary(repo, ctx.base, patient_id, encounters)
     return http.render(Result(200, bundle_))
 
@@ -163,7 +163,7 @@ async def patient_list(request: Request) -> Response:
     pairs = _pairs(request)
     if any(k.split(":")[0] in ("patient", "subject") for k, _ in pairs):
         raise bad_request("the patient is given by the path; do not pass patient or subject", expression=["patient"])
-    async with http.backends(request).repository(ctx.facility, write=False) as repo:
+    async with http.backends(request).session(ctx, write=False) as repo:
         await crud.read(repo, "Patient", patient_id)  # 404/410 like a read of the patient
     suffix = "observations" if resource_type == "Observation" else "medication-requests"
     return await _search(

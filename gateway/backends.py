@@ -9,24 +9,37 @@ production uses PostgreSQL. Cache and event-bus backends join here in later issu
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 
+from subgraphs.store.access import AccessPolicy
 from subgraphs.store.database import Database, open_database
 from subgraphs.store.repository import ResourceRepository
 
+from .context import RequestContext
+from .security.tokens import TokenVerifier
 from .settings import Settings
+
+_INTERNAL = AccessPolicy.unrestricted("internal")
 
 
 @dataclass
 class Backends:
     settings: Settings
     db: Database
+    verifier: TokenVerifier
 
     @asynccontextmanager
-    async def repository(self, facility: str, *, write: bool) -> AsyncIterator[ResourceRepository]:
+    async def repository(
+        self, facility: str, *, write: bool, policy: AccessPolicy = _INTERNAL
+    ) -> AsyncIterator[ResourceRepository]:
+        """One transaction for ``facility``; ``policy`` defaults to unrestricted (internal callers)."""
         async with self.db.transaction(write=write) as conn:
-            yield ResourceRepository(self.db, conn, facility)
+            yield ResourceRepository(self.db, conn, facility, policy)
+
+    def session(self, ctx: RequestContext, *, write: bool) -> AbstractAsyncContextManager[ResourceRepository]:
+        """The request's transaction, under the caller's access policy."""
+        return self.repository(ctx.facility, write=write, policy=ctx.policy)
 
     async def close(self) -> None:
         await self.db.dispose()
@@ -38,4 +51,4 @@ async def open_backends(settings: Settings) -> Backends:
     await db.create_schema()
     if db.dialect == "sqlite":
         await db.analyze()  # SQLite plans badly without statistics; bounded by analysis_limit
-    return Backends(settings=settings, db=db)
+    return Backends(settings=settings, db=db, verifier=TokenVerifier(settings))

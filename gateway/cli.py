@@ -19,6 +19,13 @@ if TYPE_CHECKING:
 DEMO_PATIENTS = 40
 DEMO_FACILITIES = 2
 DEMO_SEED = 42
+DEMO_USERS = (("clinician", "fac-001"), ("nurse", "fac-001"), ("auditor", "fac-001"), ("clinician", "fac-002"))
+
+
+def _demo_dir(data_dir: str | None) -> Path:
+    from .settings import load_settings
+
+    return (load_settings().data_dir if data_dir is None else Path(data_dir)) / "demo"
 
 
 def _settings(**overrides: object) -> Any:
@@ -49,15 +56,22 @@ async def _load_demo(app: Starlette) -> None:
         demo_data.write_ndjson(path, DEMO_PATIENTS, DEMO_FACILITIES, DEMO_SEED)
         count = await import_file(backends, path)
         print(f"loaded {count} demo resources into {backends.settings.data_dir}", file=sys.stderr)
+    from .security.tokens import mint
+
     first = next(r for r in demo_data.generate(1, DEMO_FACILITIES, DEMO_SEED) if r["resourceType"] == "Patient")
     base = f"http://{app.state.host}:{app.state.port}"
-    print(
-        "\nUniHealth demo is ready. Try:\n"
-        f"  curl -H 'X-Facility-Id: {facility}' {base}/fhir/r5/Patient/{first['id']}/summary?encounters=3\n"
-        f"  curl -H 'X-Facility-Id: {facility}' '{base}/fhir/r5/Patient?_count=5'\n",
-        file=sys.stderr,
-        flush=True,
-    )
+    settings = backends.settings
+    lines = ["", "UniHealth demo is ready. Tokens for the demo users (valid 12 h):"]
+    for role, fac in DEMO_USERS:
+        lines.append(f"  {role:<10} {fac}  {mint(settings, facilities=[fac], roles=[role], lifetime=12 * 3600)}")
+    token = mint(settings, facilities=[facility], roles=["clinician"], lifetime=12 * 3600)
+    lines += [
+        "Try:",
+        f"  curl -H 'Authorization: Bearer {token}' -H 'X-Facility-Id: {facility}' \\",
+        f"       '{base}/fhir/r5/Patient/{first['id']}/summary?encounters=3'",
+        "",
+    ]
+    print("\n".join(lines), file=sys.stderr, flush=True)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -67,10 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     overrides: dict[str, object] = {}
     if args.demo:
-        from .settings import load_settings
-
-        base_dir = load_settings().data_dir if args.data_dir is None else Path(args.data_dir)
-        overrides["data_dir"] = base_dir / "demo"
+        overrides["data_dir"] = _demo_dir(args.data_dir)
     elif args.data_dir:
         overrides["data_dir"] = args.data_dir
     settings = _settings(**overrides)
@@ -131,6 +142,40 @@ def cmd_import(args: argparse.Namespace) -> None:
     print(f"imported {total} resources")
 
 
+def cmd_token(args: argparse.Namespace) -> None:
+    from .security.roles import ROLES
+    from .security.tokens import mint
+
+    overrides: dict[str, object] = {}
+    if args.demo:
+        overrides["data_dir"] = _demo_dir(args.data_dir)
+    elif args.data_dir:
+        overrides["data_dir"] = args.data_dir
+    settings = _settings(**overrides)
+    unknown = [r for r in args.role if r not in ROLES]
+    if unknown:
+        sys.exit(f"unihealth token: unknown role {unknown[0]!r}; roles are {', '.join(ROLES)}")
+    key = Path(args.private_key).read_text() if args.private_key else None
+    try:
+        print(
+            mint(
+                settings,
+                facilities=args.facility,
+                roles=args.role,
+                scopes=args.scope or None,
+                patient=args.patient,
+                subject=args.subject,
+                lifetime=args.lifetime,
+                private_key=key,
+                kid=args.kid,
+                algorithm=args.algorithm,
+                purpose_of_use=args.purpose_of_use,
+            )
+        )
+    except ValueError as exc:
+        sys.exit(f"unihealth token: {exc}")
+
+
 def cmd_migrate(args: argparse.Namespace) -> None:
     from .backends import open_backends
 
@@ -171,6 +216,26 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--batch-size", type=int, default=500)
     imp.add_argument("--data-dir", default=None)
     imp.set_defaults(func=cmd_import)
+
+    tok = sub.add_parser("token", help="mint a development access token")
+    tok.add_argument("--facility", action="append", required=True, help="repeat for several facilities")
+    tok.add_argument(
+        "--role",
+        action="append",
+        required=True,
+        help="clinician, nurse, pharmacist, registrar, auditor, analyst, admin, integration; repeat for several",
+    )
+    tok.add_argument("--scope", action="append", help="SMART scope; repeat (default user/*.cruds)")
+    tok.add_argument("--patient", default=None, help="launch patient for patient/ scopes")
+    tok.add_argument("--subject", default=None)
+    tok.add_argument("--purpose-of-use", default=None, help="e.g. BTG for break-the-glass")
+    tok.add_argument("--lifetime", type=int, default=3600, help="seconds")
+    tok.add_argument("--demo", action="store_true", help="sign with the key of the `serve --demo` install")
+    tok.add_argument("--data-dir", default=None)
+    tok.add_argument("--private-key", default=None, help="PEM file: sign RS256/ES256/ES384 instead of HS256")
+    tok.add_argument("--algorithm", default="RS256", help="with --private-key")
+    tok.add_argument("--kid", default=None, help="with --private-key")
+    tok.set_defaults(func=cmd_token)
 
     migrate = sub.add_parser("migrate", help="create or upgrade the database schema")
     migrate.set_defaults(func=cmd_migrate)

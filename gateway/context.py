@@ -2,8 +2,8 @@
 
 Contract: a :class:`RequestContext` is built once per request by the protocol layer (REST route,
 GraphQL view) from already-checked inputs; interactions and repositories take the facility from it
-and from nowhere else (never from a request body). The security issue adds the principal, scopes,
-purpose of use and break-the-glass state here.
+and from nowhere else (never from a request body). The principal (from the verified token) and the
+access policy derived from it travel here; the policy reaches the store with every repository.
 """
 
 from __future__ import annotations
@@ -11,7 +11,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from subgraphs.store.access import AccessPolicy
 from subgraphs.store.errors import bad_request
+
+from .security.tokens import Principal
 
 _FACILITY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9\-.]{0,63}$")
 
@@ -29,4 +32,6 @@ def check_facility(value: str | None) -> str:
 class RequestContext:
     facility: str
     base: str  # absolute base of the FHIR API, e.g. "http://127.0.0.1:8000/fhir/r5"
+    policy: AccessPolicy
+    principal: Principal | None = None  # None only for internal callers (import, relay)
     request_id: str = ""

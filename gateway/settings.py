@@ -35,6 +35,12 @@ class Settings:
     secret_key: bytes = b""
     national_id_system: str = "https://unihealth.dev/fhir/sid/national-id"
     base_url: str = ""
+    jwt_issuer: str = "https://unihealth.local"
+    jwt_audience: str = "unihealth"
+    jwks: str = ""  # path or https URL of the JWKS that signs access tokens
+    dev_jwt_key: bytes = b""  # HS256 key: embedded profile only
+    smart_token_endpoint: str = ""
+    smart_authorization_endpoint: str = ""
 
     @property
     def is_sqlite(self) -> bool:
@@ -67,12 +73,39 @@ def _secret_key(env: Mapping[str, str], data_dir: Path, profile: Profile) -> byt
         return raw.encode()
     if profile == "production":
         raise SettingsError("UNIHEALTH_SECRET_KEY is required in the production profile")
-    path = data_dir / "secret.key"
+    return _generated(data_dir / "secret.key")
+
+
+def _dev_jwt_key(env: Mapping[str, str], data_dir: Path, profile: Profile) -> bytes:
+    """The HS256 key for development tokens: embedded profile only, generated per install.
+
+    The production profile refuses to start when one is configured: it verifies asymmetric
+    tokens (RS256/ES256/ES384) against ``UNIHEALTH_JWKS`` and nothing else.
+    """
+    raw = env.get("UNIHEALTH_DEV_JWT_KEY", "")
+    if profile == "production":
+        if raw:
+            raise SettingsError("UNIHEALTH_DEV_JWT_KEY (HS256) is refused in production; use UNIHEALTH_JWKS")
+        if not env.get("UNIHEALTH_JWKS"):
+            raise SettingsError("UNIHEALTH_JWKS is required in the production profile")
+        return b""
+    if raw:
+        if len(raw) < 32:
+            raise SettingsError("UNIHEALTH_DEV_JWT_KEY must be at least 32 characters")
+        return raw.encode()
+    return _generated(data_dir / "dev-jwt.key")
+
+
+def _generated(path: Path) -> bytes:
+    """A random key kept in ``path`` (mode 0600), created on first use."""
     if path.exists():
         return path.read_bytes().strip()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     key = secrets.token_urlsafe(48).encode()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_bytes().strip()
     with os.fdopen(fd, "wb") as fh:
         fh.write(key)
     return key
@@ -99,6 +132,9 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
     if profile == "production" and database_url.startswith("sqlite"):
         raise SettingsError("the production profile needs PostgreSQL, not SQLite")
     secret = overrides.get("secret_key")
+    dev_key = overrides.get("dev_jwt_key")
+    if not isinstance(dev_key, bytes):
+        dev_key = _dev_jwt_key(env, data_dir, profile)
     return Settings(
         profile=profile,
         data_dir=data_dir,
@@ -110,4 +146,10 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         secret_key=secret if isinstance(secret, bytes) else _secret_key(env, data_dir, profile),
         national_id_system=env.get("UNIHEALTH_NATIONAL_ID_SYSTEM", "https://unihealth.dev/fhir/sid/national-id"),
         base_url=str(overrides.get("base_url") or env.get("UNIHEALTH_BASE_URL", "")).rstrip("/"),
+        jwt_issuer=env.get("UNIHEALTH_JWT_ISSUER", "https://unihealth.local"),
+        jwt_audience=env.get("UNIHEALTH_JWT_AUDIENCE", "unihealth"),
+        jwks=str(overrides.get("jwks") or env.get("UNIHEALTH_JWKS", "")),
+        dev_jwt_key=dev_key,
+        smart_token_endpoint=env.get("UNIHEALTH_SMART_TOKEN_ENDPOINT", ""),
+        smart_authorization_endpoint=env.get("UNIHEALTH_SMART_AUTHORIZATION_ENDPOINT", ""),
     )

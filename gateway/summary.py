@@ -4,7 +4,8 @@ Contract: :func:`patient_summary` returns a ``collection`` Bundle holding, from 
 facility only: the Patient, its last ``encounters`` Encounters (newest first), its active
 AllergyIntolerances, active Conditions (active, recurrence, relapse), active MedicationRequests,
 and the newest Observation of each code in the vital-signs and laboratory categories. 404 if the
-patient is absent here (or deleted: 410).
+patient is absent here or outside the caller's access (deleted: 410). Sections the caller may not
+search are left out; within a section only what the caller may see is included.
 """
 
 from __future__ import annotations
@@ -38,11 +39,18 @@ async def patient_summary(repo: ResourceRepository, base: str, patient_id: str, 
         raise gone("Patient", patient_id, patient.version)
     ref = f"Patient/{patient_id}"
     parts: list[StoredResource] = [patient]
-    parts += await _search(repo, "Encounter", [("patient", ref), ("_sort", "-date")], count=encounters)
-    parts += await _search(repo, "AllergyIntolerance", [("patient", ref), ("clinical-status", "active")])
-    parts += await _search(repo, "Condition", [("patient", ref), ("clinical-status", ACTIVE_CONDITION)])
-    parts += await _search(repo, "MedicationRequest", [("patient", ref), ("status", "active")])
-    parts += await repo.latest_per_code("Observation", patient_id, SUMMARY_CATEGORIES)
+    sections: list[tuple[str, list[tuple[str, str]], int]] = [
+        ("Encounter", [("patient", ref), ("_sort", "-date")], encounters),
+        ("AllergyIntolerance", [("patient", ref), ("clinical-status", "active")], 1000),
+        ("Condition", [("patient", ref), ("clinical-status", ACTIVE_CONDITION)], 1000),
+        ("MedicationRequest", [("patient", ref), ("status", "active")], 1000),
+    ]
+    allowed = repo.policy.allows  # sections the caller may not search are left out, not refused
+    for resource_type, pairs, count in sections:
+        if allowed(resource_type, "s"):
+            parts += await _search(repo, resource_type, pairs, count)
+    if allowed("Observation", "s"):
+        parts += await repo.latest_per_code("Observation", patient_id, SUMMARY_CATEGORIES)
     return {
         "resourceType": "Bundle",
         "type": "collection",

@@ -20,10 +20,12 @@ import pytest
 from starlette.applications import Starlette
 
 from gateway.app import create_app
+from gateway.security.tokens import mint
 from gateway.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = b"test-secret-key-that-is-long-enough-0123456789"
+DEV_JWT_KEY = b"test-development-jwt-key-long-enough-0123456789"
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +60,9 @@ def settings_for(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixtu
             if backend == "postgresql"
             else f"sqlite+aiosqlite:///{data_dir / 'unihealth.db'}"
         )
-        return load_settings({}, data_dir=data_dir, database_url=url, secret_key=SECRET, **overrides)
+        return load_settings(
+            {}, data_dir=data_dir, database_url=url, secret_key=SECRET, dev_jwt_key=DEV_JWT_KEY, **overrides
+        )
 
     return make
 
@@ -76,12 +80,32 @@ def facility() -> str:
     return f"t-{uuid.uuid4().hex[:16]}"
 
 
+TEST_ROLES = ["admin", "integration", "auditor"]
+
+
+def token_for(settings: Settings, facilities: list[str], **kwargs: Any) -> str:
+    """A development token (HS256, the embedded profile's key) for ``facilities``."""
+    kwargs.setdefault("roles", TEST_ROLES)
+    return mint(settings, facilities=facilities, **kwargs)
+
+
 @pytest.fixture
-async def client(app: Starlette, facility: str) -> AsyncIterator[httpx.AsyncClient]:
+def other_facility(facility: str) -> str:
+    """A second facility the test's token may also name: isolation is then the store's job."""
+    return facility + "-other"
+
+
+@pytest.fixture
+async def client(app: Starlette, facility: str, other_facility: str) -> AsyncIterator[httpx.AsyncClient]:
+    token = token_for(app.state.backends.settings, [facility, other_facility])
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
         base_url="http://testserver/fhir/r5",
-        headers={"X-Facility-Id": facility, "Content-Type": "application/fhir+json"},
+        headers={
+            "X-Facility-Id": facility,
+            "Content-Type": "application/fhir+json",
+            "Authorization": f"Bearer {token}",
+        },
         timeout=60,
     ) as c:
         yield c

@@ -7,6 +7,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import token_for
 from tests.helpers import assert_outcome, create, patient
 
 
@@ -129,7 +130,11 @@ async def test_body_too_large(app: Any, facility: str) -> None:
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app),
         base_url="http://t/fhir/r5",
-        headers={"X-Facility-Id": facility, "Content-Type": "application/fhir+json"},
+        headers={
+            "X-Facility-Id": facility,
+            "Content-Type": "application/fhir+json",
+            "Authorization": "Bearer " + token_for(app.state.backends.settings, [facility]),
+        },
     ) as c:
         r = await c.post("/Patient", content=big)
         assert_outcome(r, 413, "too-costly")

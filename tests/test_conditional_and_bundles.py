@@ -30,7 +30,7 @@ async def test_if_none_exist(client: httpx.AsyncClient) -> None:
 async def test_if_none_exist_is_per_facility(client: httpx.AsyncClient, facility: str) -> None:
     cond = {"If-None-Exist": f"identifier={NID}|B-1"}
     a = await client.post("/Patient", json=_with_nid("B-1"), headers=cond)
-    b = await client.post("/Patient", json=_with_nid("B-1"), headers={**cond, "X-Facility-Id": facility + "-b"})
+    b = await client.post("/Patient", json=_with_nid("B-1"), headers={**cond, "X-Facility-Id": facility + "-other"})
     assert a.status_code == b.status_code == 201, "a match in another facility is not a match"
 
 
@@ -78,7 +78,7 @@ async def test_transaction_rewrites_urn_uuid_and_is_atomic(client: httpx.AsyncCl
 
 async def test_transaction_conditional_reference_and_if_none_exist(client: httpx.AsyncClient, facility: str) -> None:
     pid = (await create(client, _with_nid("C-1")))["id"]
-    await client.post("/Patient", json=_with_nid("C-1"), headers={"X-Facility-Id": facility + "-o"})
+    await client.post("/Patient", json=_with_nid("C-1"), headers={"X-Facility-Id": facility + "-other"})
     bundle = {
         "resourceType": "Bundle",
         "type": "transaction",
@@ -118,7 +118,7 @@ async def test_transaction_conditional_reference_and_if_none_exist(client: httpx
 
 
 async def test_transaction_cannot_reach_other_facility(client: httpx.AsyncClient, facility: str) -> None:
-    other = facility + "-z"
+    other = facility + "-other"
     theirs = (await client.post("/Patient", json=patient("Theirs"), headers={"X-Facility-Id": other})).json()["id"]
     bundle = {
         "resourceType": "Bundle",

@@ -159,7 +159,7 @@ async def test_history_cursor_bound_to_facility(client: httpx.AsyncClient, facil
     nxt = next(link["url"] for link in page["link"] if link["relation"] == "next").replace(
         "http://testserver/fhir/r5", ""
     )
-    replay = await client.get(nxt, headers={"X-Facility-Id": facility + "-x"})
+    replay = await client.get(nxt, headers={"X-Facility-Id": facility + "-other"})
     assert_outcome(replay, 400)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,19 +14,26 @@ from fhirpy import AsyncFHIRClient
 
 from gateway import demo_data
 from gateway.cli import DEMO_FACILITIES, DEMO_SEED
+from tests.conftest import token_for
 from tests.live import serve
 
 
 @pytest.fixture(scope="module")
-def live(backend: str, settings_for: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def live(backend: str, settings_for: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any]]:
     settings = settings_for(backend)
-    env = {"UNIHEALTH_DATABASE_URL": settings.database_url, "UNIHEALTH_SECRET_KEY": settings.secret_key.decode()}
+    env = {
+        "UNIHEALTH_DATABASE_URL": settings.database_url,
+        "UNIHEALTH_SECRET_KEY": settings.secret_key.decode(),
+        "UNIHEALTH_DEV_JWT_KEY": settings.dev_jwt_key.decode(),
+    }
     with serve(tmp_path_factory.mktemp("live"), env=env) as base:
-        yield base
+        yield base, settings
 
 
-async def test_fhirpy_client(live: str, facility: str) -> None:
-    client = AsyncFHIRClient(f"{live}/fhir/r5", extra_headers={"X-Facility-Id": facility})
+async def test_fhirpy_client(live: tuple[str, Any], facility: str, other_facility: str) -> None:
+    base, settings = live
+    auth = "Bearer " + token_for(settings, [facility, other_facility])
+    client = AsyncFHIRClient(f"{base}/fhir/r5", authorization=auth, extra_headers={"X-Facility-Id": facility})
     patient = client.resource(
         "Patient",
         name=[{"family": "Okafor", "given": ["Ada"]}],
@@ -58,7 +67,7 @@ async def test_fhirpy_client(live: str, facility: str) -> None:
     assert await client.resources("Observation").search(patient=patient.id).count() == 1
     await obs.delete()
     assert await client.resources("Observation").search(patient=patient.id).fetch() == []
-    other = AsyncFHIRClient(f"{live}/fhir/r5", extra_headers={"X-Facility-Id": facility + "-other"})
+    other = AsyncFHIRClient(f"{base}/fhir/r5", authorization=auth, extra_headers={"X-Facility-Id": other_facility})
     assert await other.resources("Patient").search(family="okafor").fetch() == []
 
 
@@ -67,14 +76,33 @@ def test_serve_demo_answers_the_readme_curl(tmp_path: Path) -> None:
     first = next(r for r in demo_data.generate(1, DEMO_FACILITIES, DEMO_SEED) if r["resourceType"] == "Patient")
     facility = demo_data.facility_ids(DEMO_FACILITIES)[0]
     with serve(tmp_path, "--demo", env={"UNIHEALTH_DATABASE_URL": ""}) as base:
+        token = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "gateway.cli",
+                "token",
+                "--demo",
+                "--data-dir",
+                str(tmp_path),
+                "--facility",
+                facility,
+                "--role",
+                "clinician",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         r = httpx.get(
             f"{base}/fhir/r5/Patient/{first['id']}/summary",
             params={"encounters": 3},
-            headers={"X-Facility-Id": facility},
+            headers={"X-Facility-Id": facility, "Authorization": f"Bearer {token}"},
         )
         assert r.status_code == 200, r.text
         types = {e["resource"]["resourceType"] for e in r.json()["entry"]}
         assert {"Patient", "Encounter", "Observation"} <= types
-        assert (
-            httpx.get(f"{base}/fhir/r5/Patient/{first['id']}", headers={"X-Facility-Id": demo_data.facility_ids(2)[1]})
-        ).status_code == 404
+        other = demo_data.facility_ids(2)[1]
+        headers = {"X-Facility-Id": other, "Authorization": f"Bearer {token}"}
+        assert httpx.get(f"{base}/fhir/r5/Patient/{first['id']}", headers=headers).status_code == 403, "fac-001 only"
+        assert httpx.get(f"{base}/fhir/r5/Patient/{first['id']}").status_code == 401

@@ -16,6 +16,7 @@ from gateway import demo_data
 from gateway.importer import import_file
 from subgraphs.store.database import PostgresDatabase
 from subgraphs.store.schema import metadata, outbox, resource_history, resources
+from tests.conftest import token_for
 
 
 async def test_migrations_match_declared_schema(postgres_url: str) -> None:
@@ -61,6 +62,7 @@ async def test_import_demo_data_and_read_summary(app: Starlette, tmp_path: Path)
             )
         ).scalar_one()
         assert n_hist == 1
+    token = token_for(backends.settings, [facilities[0]])
     # re-import is idempotent in content: new versions, same resources
     again = await import_file(backends, path, batch_size=1000)
     assert again == written
@@ -79,8 +81,11 @@ async def test_import_demo_data_and_read_summary(app: Starlette, tmp_path: Path)
             )
         ).scalar_one()
         assert count == 6  # patient i goes to facility i % 2
+    token = token_for(backends.settings, [facilities[0]])
     async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://t/fhir/r5", headers={"X-Facility-Id": facilities[0]}
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://t/fhir/r5",
+        headers={"X-Facility-Id": facilities[0], "Authorization": f"Bearer {token}"},
     ) as c:
         r = await c.get(f"/Patient/{patients[0]['id']}/summary")
         assert r.status_code == 200

@@ -92,7 +92,7 @@ async def test_paging_is_keyset_and_bound_to_facility(client: httpx.AsyncClient,
         url = _next(page)
         pages += 1
         if url and pages == 1:
-            replay = await client.get(url, headers={"X-Facility-Id": facility + "-evil"})
+            replay = await client.get(url, headers={"X-Facility-Id": facility + "-other"})
             assert_outcome(replay, 400)
             token = url.split("_page=")[1]
             tampered = url.replace(token, token[:-2] + ("AA" if not token.endswith("AA") else "BB"))
@@ -107,7 +107,7 @@ async def test_paging_is_keyset_and_bound_to_facility(client: httpx.AsyncClient,
 
 async def test_search_never_crosses_facilities(client: httpx.AsyncClient, facility: str) -> None:
     pid, _ = await _patient_with_obs(client)
-    other = {"X-Facility-Id": facility + "-o"}
+    other = {"X-Facility-Id": facility + "-other"}
     for params in ({"patient": pid}, {"code": "8867-4"}, {"_id": pid}):
         r = (await client.get("/Observation", params=params, headers=other)).json()
         assert r["entry"] == []
@@ -141,7 +141,9 @@ async def test_patient_observations_and_medication_requests(client: httpx.AsyncC
     meds = (await client.get(f"/Patient/{pid}/medication-requests", params={"status": "active"})).json()
     assert _ids(meds) == [mid]
     assert len(_ids((await client.get(f"/Patient/{pid}/medication-requests")).json())) == 2
-    assert_outcome(await client.get(f"/Patient/{pid}/observations", headers={"X-Facility-Id": facility + "-o"}), 404)
+    assert_outcome(
+        await client.get(f"/Patient/{pid}/observations", headers={"X-Facility-Id": facility + "-other"}), 404
+    )
     assert_outcome(await client.get("/Patient/nobody/medication-requests"), 404)
 
 
@@ -206,7 +208,7 @@ async def test_summary(client: httpx.AsyncClient, facility: str) -> None:
     assert survey not in by_type["Observation"]
     default = (await client.get(f"/Patient/{pid}/summary")).json()
     assert sum(e["resource"]["resourceType"] == "Encounter" for e in default["entry"]) == 5
-    assert_outcome(await client.get(f"/Patient/{pid}/summary", headers={"X-Facility-Id": facility + "-o"}), 404)
+    assert_outcome(await client.get(f"/Patient/{pid}/summary", headers={"X-Facility-Id": facility + "-other"}), 404)
 
 
 async def test_post_search_equals_get(client: httpx.AsyncClient) -> None:

@@ -198,7 +198,7 @@ async def process(ctx: RequestContext, backends: Backends, bundle: Any, prefer: 
     if kind == "batch":
         for i, e in enumerate(entries):
             try:
-                async with backends.repository(ctx.facility, write=True) as repo:
+                async with backends.session(ctx, write=True) as repo:
                     result = await _run(ctx, repo, key, e, {}, i, limits)
                 results.append(_response(result, prefer))
             except FhirError as exc:
@@ -218,7 +218,7 @@ async def process(ctx: RequestContext, backends: Backends, bundle: Any, prefer: 
             mapping[full_url] = f"{path[0]}/{check_id(path[1])}"
     order = sorted(range(len(entries)), key=lambda i: _ORDER[entries[i]["request"]["method"]])
     by_index: dict[int, dict[str, Any]] = {}
-    async with backends.repository(ctx.facility, write=True) as repo:
+    async with backends.session(ctx, write=True) as repo:
         existing: dict[int, str] = {}
         for i in order:  # conditional creates that match resolve first, so references point at the match
             e = entries[i]

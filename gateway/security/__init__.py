@@ -1,0 +1,1 @@
+"""Authentication and authorization: tokens → principal → access policy (enforced in the store)."""

@@ -1,0 +1,64 @@
+"""From a principal to the store's :class:`~subgraphs.store.access.AccessPolicy`.
+
+Contract: :func:`policy_for` grants ``(type, letter)`` when some role of the principal permits it
+(:mod:`gateway.security.roles`) AND some scope of the token does. Each granting scope becomes a
+group of search criteria: its query (``patient/Observation.rs?category=laboratory``) plus, for
+``patient/`` scopes, the launch patient's compartment (``_id`` for Patient, the ``patient`` search
+parameter elsewhere; types outside the compartment — Practitioner, Organization, Location,
+Medication, PractitionerRole — are shared reference data and stay unconstrained). An unconstrained
+scope makes the grant unconstrained. ``patient/`` scopes without a launch patient grant nothing.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from types import MappingProxyType
+
+from subgraphs.store.access import AccessPolicy, Criteria, Grant
+from subgraphs.store.errors import FhirError
+from subgraphs.store.params import PARAM_BY_NAME
+from subgraphs.store.search import parse_search
+from subgraphs.store.validation import SUPPORTED_TYPES
+
+from .roles import role_letters
+from .tokens import Principal
+
+
+def _compartment(resource_type: str, patient: str) -> Criteria:
+    if resource_type == "Patient":
+        return (("_id", patient),)
+    if "patient" in PARAM_BY_NAME.get(resource_type, {}):
+        return (("patient", f"Patient/{patient}"),)
+    return ()
+
+
+def policy_for(principal: Principal) -> AccessPolicy:
+    groups: dict[tuple[str, str], set[Criteria] | None] = defaultdict(set)
+    for scope in principal.scopes:
+        if scope.context == "patient" and not principal.patient:
+            continue
+        types = SUPPORTED_TYPES if scope.resource_type == "*" else (scope.resource_type,)
+        for resource_type in types:
+            if resource_type not in SUPPORTED_TYPES:
+                continue
+            criteria: Criteria = scope.query
+            if scope.context == "patient" and principal.patient:
+                criteria = (*_compartment(resource_type, principal.patient), *criteria)
+            if criteria:
+                try:
+                    parse_search(resource_type, list(criteria), strict=True)
+                except FhirError as exc:
+                    if scope.resource_type == "*":
+                        continue  # a wildcard scope's query applies to the types that have its parameters
+                    raise FhirError(
+                        403, "forbidden", f"scope {scope.text} cannot be applied: {exc.diagnostics}"
+                    ) from None
+            for letter in scope.letters & role_letters(principal.roles, resource_type):
+                key = (resource_type, letter)
+                current = groups[key]
+                if not criteria:
+                    groups[key] = None  # an unconstrained scope wins
+                elif current is not None:
+                    current.add(criteria)
+    grants = {key: Grant(None if g is None else tuple(sorted(g))) for key, g in groups.items()}
+    return AccessPolicy(MappingProxyType(grants), label=f"{principal.subject} ({', '.join(principal.roles)})")
