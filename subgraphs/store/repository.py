@@ -239,7 +239,8 @@ class ResourceRepository:
         letters = {key: _letter(change, current.get(key)) for key, change in zip(keys, changes, strict=True)}
         if not self.policy.everything:
             await self._check_before(changes, current, letters)
-        plan = writes.plan(self.facility, changes, current, datetime.now(UTC))
+        gone = await writes.deleted_patients(self.conn, self.facility, changes)
+        plan = writes.plan(self.facility, changes, current, datetime.now(UTC), gone)
         await writes.apply(self.conn, self.facility, plan)
         if not self.policy.everything:
             await self._check_after(changes, letters)

@@ -23,7 +23,7 @@ from .database import SqlConnection
 from .errors import conflict_version
 from .params import PATIENT_PARAM, extract
 from .records import Change, StoredResource, document
-from .schema import INDEX_TABLES, outbox, resource_history, resources
+from .schema import INDEX_TABLES, idx_reference, outbox, resource_history, resources
 from .validation import validate
 
 Versions = dict[tuple[str, str], tuple[int, bool]]  # (type, id) -> (version, deleted)
@@ -56,7 +56,36 @@ async def current_versions(conn: SqlConnection, facility: str, changes: Sequence
     return found
 
 
-def plan(facility: str, changes: Sequence[Change], current: Versions, now: datetime) -> WritePlan:
+async def deleted_patients(conn: SqlConnection, facility: str, changes: Sequence[Change]) -> dict[tuple[str, str], str]:
+    """The compartment patient of each resource about to be deleted (read before its index goes),
+    so a delete event is keyed like the resource's earlier events and stays in their order."""
+    by_type: dict[str, list[str]] = defaultdict(list)
+    for change in changes:
+        if change.body is None and change.type != "Patient":
+            by_type[change.type].append(change.id)
+    found: dict[tuple[str, str], str] = {}
+    ref = idx_reference
+    stmt = select(ref.c.id, ref.c.target_id).where(
+        ref.c.facility == bindparam("facility"),
+        ref.c.type == bindparam("type"),
+        ref.c.id.in_(bindparam("ids", expanding=True)),
+        ref.c.param == PATIENT_PARAM,
+        ref.c.target_type == "Patient",
+    )
+    for resource_type, ids in by_type.items():
+        for chunk in chunks(ids, 500):
+            for row in await conn.execute(stmt, {"facility": facility, "type": resource_type, "ids": chunk}):
+                found.setdefault((resource_type, row.id), row.target_id)
+    return found
+
+
+def plan(
+    facility: str,
+    changes: Sequence[Change],
+    current: Versions,
+    now: datetime,
+    deleted_patient: dict[tuple[str, str], str] | None = None,
+) -> WritePlan:
     out = WritePlan()
     for change in changes:
         prev = current.get((change.type, change.id))
@@ -65,12 +94,13 @@ def plan(facility: str, changes: Sequence[Change], current: Versions, now: datet
             raise conflict_version(f'W/"{change.if_match}"', prev_version)
         version = prev_version + 1
         content: bytes | None = None
-        patient: str | None = None
+        patient: str | None = change.id if change.type == "Patient" else None
+        if change.body is None and patient is None:
+            patient = (deleted_patient or {}).get((change.type, change.id))
         if change.body is not None:
             doc = document(change.body, change.type, change.id, version, now)
             validate(change.type, doc)
             content = fhirjson.dumps(doc)
-            patient = change.id if change.type == "Patient" else None
             for kind, row in extract(change.type, doc):
                 if kind == "reference" and row["param"] == PATIENT_PARAM and patient is None:
                     patient = row["target_id"]

@@ -1,0 +1,212 @@
+"""The outbox relay: publishes committed ``outbox`` rows to the bus, then marks them published.
+
+Contract:
+
+* Every change commits an ``outbox`` row in the same transaction as the change (see
+  :mod:`subgraphs.store.repository`). :meth:`Relay.drain_once` reads unpublished rows in ``seq``
+  order, publishes each as a :class:`~streams.events.ChangeEvent` to
+  :func:`~streams.events.topic_for` its type, keyed by :func:`~streams.events.message_key`, and
+  sets ``published_at`` **only after the bus acknowledged the whole batch**. If publishing fails
+  nothing of the batch is marked and the error propagates; :meth:`Relay.run` logs it, backs off and
+  retries, so no committed change is ever lost.
+* At least once: a crash (or a publish timeout) after the broker accepted a batch but before the
+  mark commits republishes those events with the same ``event_id`` — consumers deduplicate on it.
+* Order: events of one key (one patient, or one resource outside any compartment) are published in
+  ``seq`` order, which follows commit order for changes that causally follow each other (writers of
+  one resource are serialized by the store's locks, so its versions always appear in order).
+* PostgreSQL: rows are claimed with ``SELECT ... FOR UPDATE SKIP LOCKED`` inside one transaction
+  that stays open until they are marked, so any number of relays (processes) can run at once and
+  no row is published by two of them at the same time. To keep per-key order across relays, a
+  relay holds back a claimed row when an older unpublished row of the same key is not in its own
+  claim (another relay holds it, or it committed after the claim); the oldest row of every key
+  always progresses, so this cannot livelock.
+* SQLite (embedded, one process): a plain ordered read, publish outside any transaction (so
+  in-process handlers may write to the store), then a short write transaction marks the rows. Run
+  one relay per SQLite database; concurrent calls on one :class:`Relay` are serialized.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Select, select, update
+
+from subgraphs.store.database import Database, SqlConnection
+from subgraphs.store.dates import as_utc, instant
+from subgraphs.store.schema import outbox
+
+from .bus import Bus, Message
+from .events import ChangeEvent, message_key
+
+log = logging.getLogger(__name__)
+
+_COLUMNS = (
+    outbox.c.seq,
+    outbox.c.event_id,
+    outbox.c.facility,
+    outbox.c.type,
+    outbox.c.id,
+    outbox.c.version,
+    outbox.c.operation,
+    outbox.c.patient_id,
+    outbox.c.occurred_at,
+)
+
+
+def event_from_row(row: Any) -> ChangeEvent:
+    """The change event for one ``outbox`` row."""
+    return ChangeEvent(
+        event_id=row.event_id,
+        facility=row.facility,
+        resource_type=row.type,
+        resource_id=row.id,
+        version=row.version,
+        operation=row.operation,
+        patient_id=row.patient_id,
+        occurred_at=instant(as_utc(row.occurred_at)),
+    )
+
+
+def _row_key(row: Any) -> bytes:
+    return message_key(row.facility, row.type, row.id, row.patient_id)
+
+
+def _pending(limit: int) -> Select[Any]:
+    return select(*_COLUMNS).where(outbox.c.published_at.is_(None)).order_by(outbox.c.seq).limit(limit)
+
+
+class Relay:
+    """Drains the outbox of ``db`` to ``bus`` (see the module docstring for the guarantees)."""
+
+    def __init__(self, db: Database, bus: Bus, *, drain_timeout: float = 120.0, max_backoff: float = 5.0) -> None:
+        self.db = db
+        self.bus = bus
+        self.drain_timeout = drain_timeout
+        self.max_backoff = max_backoff
+        self.published = 0
+        """Rows this relay has published and marked (a counter for metrics and tests)."""
+        self.held_back = 0
+        """Claimed rows left for a later drain because an older row of their key was elsewhere."""
+        self._lock = asyncio.Lock()
+        self._wakeup = asyncio.Event()
+
+    def wake(self) -> None:
+        """Make a running :meth:`run` drain now instead of at its next poll (call after a commit)."""
+        self._wakeup.set()
+
+    async def drain_once(self, limit: int = 500) -> int:
+        """Publish up to ``limit`` unpublished rows in ``seq`` order; returns how many were marked.
+
+        Raises what the bus raised (nothing is marked then), or TimeoutError past ``drain_timeout``.
+        """
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        async with self._lock, asyncio.timeout(self.drain_timeout):
+            if self.db.dialect == "postgresql":
+                count = await self._drain_claiming(limit)
+            else:
+                count = await self._drain_single(limit)
+        self.published += count
+        return count
+
+    async def run(self, *, stop_event: asyncio.Event, poll_interval: float = 0.05, limit: int = 500) -> None:
+        """Drain until ``stop_event`` is set: at once while rows keep coming, else every ``poll_interval``
+        seconds (or on :meth:`wake`); failures are logged and retried with exponential backoff."""
+        failures = 0
+        while not stop_event.is_set():
+            delay = poll_interval
+            try:
+                if await self.drain_once(limit) > 0:
+                    delay = 0.0
+                failures = 0
+            except Exception:
+                failures += 1
+                delay = min(self.max_backoff, poll_interval * 2**failures)
+                log.exception("outbox relay: publishing failed (%d in a row); retrying in %.2f s", failures, delay)
+            if delay > 0:
+                await self._sleep(delay, stop_event)
+
+    async def _sleep(self, delay: float, stop_event: asyncio.Event) -> None:
+        waiters = {asyncio.ensure_future(stop_event.wait()), asyncio.ensure_future(self._wakeup.wait())}
+        try:
+            await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+            self._wakeup.clear()
+
+    # ---------------------------------------------------------------- SQLite
+    async def _drain_single(self, limit: int) -> int:
+        async with self.db.transaction(write=False) as conn:
+            rows = list(await conn.execute(_pending(limit)))
+        if not rows:
+            return 0
+        await self._publish(rows)
+        async with self.db.transaction(write=True) as conn:
+            await self._mark(conn, rows)
+        return len(rows)
+
+    # ---------------------------------------------------------------- PostgreSQL
+    async def _drain_claiming(self, limit: int) -> int:
+        async with self.db.transaction(write=True) as conn:
+            claimed = list(await conn.execute(_pending(limit).with_for_update(skip_locked=True)))
+            if not claimed:
+                return 0
+            rows = await self._in_key_order(conn, claimed)
+            if not rows:
+                return 0
+            await self._publish(rows)
+            await self._mark(conn, rows)
+        return len(rows)
+
+    async def _in_key_order(self, conn: SqlConnection, claimed: list[Any]) -> list[Any]:
+        """The claimed rows that may go now: none with an older unpublished row of its key outside the claim."""
+        seqs = [r.seq for r in claimed]
+        older = await conn.execute(
+            select(outbox.c.seq, outbox.c.facility, outbox.c.type, outbox.c.id, outbox.c.patient_id).where(
+                outbox.c.published_at.is_(None), outbox.c.seq < seqs[-1], outbox.c.seq.not_in(seqs)
+            )
+        )
+        first_held: dict[bytes, int] = {}
+        for row in older:
+            key = _row_key(row)
+            first_held[key] = min(row.seq, first_held.get(key, row.seq))
+        if not first_held:
+            return claimed
+        ready = [r for r in claimed if r.seq < first_held.get(_row_key(r), r.seq + 1)]
+        self.held_back += len(claimed) - len(ready)
+        if len(ready) < len(claimed):
+            log.debug("outbox relay: holding back %d rows behind older rows of their keys", len(claimed) - len(ready))
+        return ready
+
+    # ---------------------------------------------------------------- shared
+    async def _publish(self, rows: Sequence[Any]) -> None:
+        messages = []
+        for row in rows:
+            event = event_from_row(row)
+            messages.append(Message(event.topic, event.key, event.to_json()))
+        await self.bus.publish_many(messages)
+
+    async def _mark(self, conn: SqlConnection, rows: Sequence[Any]) -> None:
+        now = datetime.now(UTC)
+        seqs = [r.seq for r in rows]
+        for start in range(0, len(seqs), 1000):
+            await conn.execute(
+                update(outbox)
+                .where(outbox.c.seq.in_(seqs[start : start + 1000]), outbox.c.published_at.is_(None))
+                .values(published_at=now)
+            )
+
+
+async def wait_stopped(task: asyncio.Task[None], limit: float = 30.0) -> None:
+    """Wait (bounded) for a :meth:`Relay.run` task whose stop event was set; cancel it past ``limit``."""
+    done, _ = await asyncio.wait({task}, timeout=limit)
+    if not done:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
