@@ -34,7 +34,7 @@ class Backends:
         self, facility: str, *, write: bool, policy: AccessPolicy = _INTERNAL
     ) -> AsyncIterator[ResourceRepository]:
         """One transaction for ``facility``; ``policy`` defaults to unrestricted (internal callers)."""
-        async with self.db.transaction(write=write) as conn:
+        async with self.db.transaction(write=write, facility=facility) as conn:
             yield ResourceRepository(self.db, conn, facility, policy)
 
     def session(self, ctx: RequestContext, *, write: bool) -> AbstractAsyncContextManager[ResourceRepository]:
@@ -47,7 +47,7 @@ class Backends:
 
 async def open_backends(settings: Settings) -> Backends:
     """Connect to the configured database and bring its schema up to date."""
-    db = open_database(settings.database_url)
+    db = open_database(settings.database_url, migration_url=settings.migration_database_url)
     await db.create_schema()
     if db.dialect == "sqlite":
         await db.analyze()  # SQLite plans badly without statistics; bounded by analysis_limit

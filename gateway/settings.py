@@ -28,6 +28,7 @@ class Settings:
     profile: Profile = "embedded"
     data_dir: Path = field(default_factory=lambda: Path.cwd() / ".unihealth")
     database_url: str = ""
+    migration_database_url: str = ""  # the schema owner, when the runtime role may not run DDL
     max_body_bytes: int = 10 * 1024 * 1024
     max_json_depth: int = 64
     default_page_size: int = 50
@@ -139,6 +140,9 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         profile=profile,
         data_dir=data_dir,
         database_url=database_url,
+        migration_database_url=str(
+            overrides.get("migration_database_url") or env.get("UNIHEALTH_MIGRATION_DATABASE_URL", "")
+        ),
         max_body_bytes=_int(env, "UNIHEALTH_MAX_BODY_BYTES", 10 * 1024 * 1024, 1024, 1 << 30),
         max_json_depth=_int(env, "UNIHEALTH_MAX_JSON_DEPTH", 64, 8, 1000),
         default_page_size=_int(env, "UNIHEALTH_DEFAULT_PAGE_SIZE", 50, 1, 1000),

@@ -188,9 +188,9 @@ def event(n: int, resource_type: str = "Observation", patient_id: str | None = "
 
 # ------------------------------------------------------------------------------------------ (a)
 async def test_rest_changes_reach_kafka_once_each_in_patient_order(
-    app: Starlette, client: httpx.AsyncClient, facility: str, kafka_bootstrap: str
+    app: Starlette, relay_database: Database, client: httpx.AsyncClient, facility: str, kafka_bootstrap: str
 ) -> None:
-    db: Database = app.state.backends.db
+    db: Database = relay_database
     made: list[tuple[str, str, int, str]] = []
     p1 = version_of(await client.post("/Patient", json=patient("One")))
     p2 = version_of(await client.post("/Patient", json=patient("Two")))
@@ -252,10 +252,10 @@ async def test_rest_changes_reach_kafka_once_each_in_patient_order(
 # ------------------------------------------------------------------------------------------ (b)
 @pytest.mark.parametrize("backend", ["postgresql"], scope="session")  # row claiming is PostgreSQL's
 async def test_concurrent_relays_on_postgresql_publish_each_row_once_in_key_order(
-    app: Starlette, client: httpx.AsyncClient, facility: str, kafka_bootstrap: str
+    app: Starlette, relay_database: Database, client: httpx.AsyncClient, facility: str, kafka_bootstrap: str
 ) -> None:
-    assert app.state.backends.db.dialect == "postgresql"
-    url = app.state.backends.db.url
+    assert relay_database.dialect == "postgresql"
+    url = relay_database.url
     patients = [f"{facility}-p{i}" for i in range(8)]
 
     async def put_bundle(kind: str, entries: list[dict[str, Any]]) -> None:
@@ -308,7 +308,7 @@ async def test_concurrent_relays_on_postgresql_publish_each_row_once_in_key_orde
         for db in dbs:
             await db.dispose()
 
-    rows = await outbox_rows(app.state.backends.db, facility)
+    rows = await outbox_rows(relay_database, facility)
     assert len(rows) == len(patients) * 13 + 3 * len(patients) + 16
     assert all(r.published_at is not None for r in rows)
     assert relays[0].published > 0 and relays[1].published > 0, "both relays took part"
@@ -318,9 +318,9 @@ async def test_concurrent_relays_on_postgresql_publish_each_row_once_in_key_orde
 
 # ------------------------------------------------------------------------------------------ (c)
 async def test_failed_publish_leaves_rows_unpublished_and_a_retry_delivers_at_least_once(
-    app: Starlette, client: httpx.AsyncClient, facility: str, kafka_bootstrap: str
+    app: Starlette, relay_database: Database, client: httpx.AsyncClient, facility: str, kafka_bootstrap: str
 ) -> None:
-    db: Database = app.state.backends.db
+    db: Database = relay_database
     await drain_to_kafka(db, kafka_bootstrap)  # only this test's rows are pending from here on
     pid = version_of(await client.post("/Patient", json=patient()))[1]
     await client.post("/Observation", json=observation(pid))
@@ -351,9 +351,9 @@ async def test_failed_publish_leaves_rows_unpublished_and_a_retry_delivers_at_le
 
 
 async def test_run_retries_after_failures_and_delivers_in_order(
-    app: Starlette, client: httpx.AsyncClient, facility: str
+    app: Starlette, relay_database: Database, client: httpx.AsyncClient, facility: str
 ) -> None:
-    db: Database = app.state.backends.db
+    db: Database = relay_database
     inner = InProcessBus()
     got = Collector(facility)
     inner.subscribe(TOPIC_PREFIX, got)
@@ -419,9 +419,9 @@ async def test_in_process_bus_delivers_in_order_and_records_handler_failures() -
 
 
 async def test_relay_with_in_process_bus_delivers_per_patient_order(
-    app: Starlette, client: httpx.AsyncClient, facility: str
+    app: Starlette, relay_database: Database, client: httpx.AsyncClient, facility: str
 ) -> None:
-    db: Database = app.state.backends.db
+    db: Database = relay_database
     bus = InProcessBus()
     seen: list[tuple[str, str, int]] = []
 

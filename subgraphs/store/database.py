@@ -26,6 +26,7 @@ from typing import Any, Literal, Protocol
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import Connection, Result
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.base import Executable
 
 from .schema import metadata
@@ -44,7 +45,9 @@ class Database(Protocol):
     dialect: Dialect
     url: str
 
-    def transaction(self, *, write: bool) -> AbstractAsyncContextManager[SqlConnection]: ...
+    def transaction(
+        self, *, write: bool, facility: str | None = None
+    ) -> AbstractAsyncContextManager[SqlConnection]: ...
 
     async def lock(self, conn: SqlConnection, key: str) -> None: ...
 
@@ -55,12 +58,13 @@ class Database(Protocol):
     async def dispose(self) -> None: ...
 
 
-def open_database(url: str, *, pool_size: int = 10) -> Database:
+def open_database(url: str, *, pool_size: int = 10, migration_url: str = "") -> Database:
     """The database named by ``url`` (``sqlite+aiosqlite:///file`` or ``sqlite:///file``, or
-    ``postgresql+asyncpg://...``); connects lazily."""
+    ``postgresql+asyncpg://...``); connects lazily. ``migration_url`` (PostgreSQL): the schema
+    owner's connection for migrations, when the runtime role may not run DDL."""
     if url.startswith("sqlite"):
         return SqliteDatabase(url)
-    return PostgresDatabase(url, pool_size=pool_size)
+    return PostgresDatabase(url, pool_size=pool_size, migration_url=migration_url)
 
 
 class InlineConnection:
@@ -112,7 +116,8 @@ class SqliteDatabase:
         self._write_lock = asyncio.Lock()
 
     @asynccontextmanager
-    async def transaction(self, *, write: bool) -> AsyncIterator[SqlConnection]:
+    async def transaction(self, *, write: bool, facility: str | None = None) -> AsyncIterator[SqlConnection]:
+        """``facility`` is not used: SQLite has no row-level security; the predicates do it."""
         if write:
             async with self._write_lock:
                 with self.engine.connect() as conn:
@@ -145,21 +150,30 @@ class SqliteDatabase:
 class PostgresDatabase:
     dialect: Dialect = "postgresql"
 
-    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+    def __init__(self, url: str, *, pool_size: int = 10, migration_url: str = "") -> None:
         self.url = url
+        self.migration_url = migration_url or url
         self.engine: AsyncEngine = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size)
 
     @asynccontextmanager
-    async def transaction(self, *, write: bool) -> AsyncIterator[SqlConnection]:
+    async def transaction(self, *, write: bool, facility: str | None = None) -> AsyncIterator[SqlConnection]:
+        """Sets ``unihealth.facility`` for this transaction only, the key of the row-level security
+        policies (migration 0002): without it, facility-keyed tables show no rows."""
         async with self.engine.connect() as conn, conn.begin():
+            if facility is not None:
+                await conn.execute(_SET_FACILITY, {"facility": facility})
             yield conn
 
     async def lock(self, conn: SqlConnection, key: str) -> None:
         await conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"), {"k": key})
 
     async def create_schema(self) -> None:
-        async with self.engine.begin() as conn:
-            await conn.run_sync(_alembic_upgrade)
+        owner = create_async_engine(self.migration_url, poolclass=NullPool)
+        try:
+            async with owner.begin() as conn:
+                await conn.run_sync(_alembic_upgrade)
+        finally:
+            await owner.dispose()
 
     async def analyze(self) -> None:
         async with self.engine.connect() as conn:
@@ -168,6 +182,9 @@ class PostgresDatabase:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+
+_SET_FACILITY = text("SELECT set_config('unihealth.facility', :facility, true)")
 
 
 def alembic_config(connection: Connection | None = None) -> Any:
