@@ -53,16 +53,22 @@ def context(request: Request) -> RequestContext:
     """Authenticate, check the facility against the token, derive the access policy."""
     check_accept(request)
     principal = authenticate(request)
+    audit = getattr(request.state, "audit", None)
+    if audit is not None:
+        audit.principal = principal  # known from here on, even if the request is refused below
     facility = check_facility(request.headers.get("x-facility-id"))
     if facility not in principal.facilities:
         raise FhirError(403, "forbidden", f"the token does not grant access to facility {facility}")
-    return RequestContext(
+    ctx = RequestContext(
         facility=facility,
         base=base_url(request),
         policy=policy_for(principal),
         principal=principal,
         request_id=request.headers.get("x-request-id", ""),
+        audit=audit,
     )
+    request.state.ctx = ctx
+    return ctx
 
 
 def check_accept(request: Request) -> None:

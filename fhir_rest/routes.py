@@ -17,6 +17,7 @@ from subgraphs.store.errors import FhirError, bad_request
 from subgraphs.store.repository import check_id
 
 from . import http
+from .auditing import audited
 from .capability import capability_statement
 from .interactions import bundle, crud
 from .interactions.search import history, search
@@ -37,6 +38,7 @@ async def metadata(request: Request) -> Response:
     )
 
 
+@audited({"GET": "search-type", "POST": "create"}, inline=frozenset({"POST"}))
 async def type_root(request: Request) -> Response:
     ctx = http.context(request)
     resource_type = request.path_params["type"]
@@ -51,6 +53,7 @@ async def type_root(request: Request) -> Response:
     return await _search(request, ctx, resource_type, _pairs(request))
 
 
+@audited("search-type")
 async def type_search(request: Request) -> Response:
     ctx = http.context(request)
     raw = await http.read_body(request, allow_form=True)
@@ -87,6 +90,7 @@ async def _search(
     return http.render(result)
 
 
+@audited({"GET": "read", "PUT": "update", "DELETE": "delete"}, inline=frozenset({"PUT", "DELETE"}))
 async def instance(request: Request) -> Response:
     ctx = http.context(request)
     resource_type, resource_id = request.path_params["type"], request.path_params["id"]
@@ -104,6 +108,7 @@ async def instance(request: Request) -> Response:
         return http.render(await crud.delete(repo, resource_type, resource_id))
 
 
+@audited("vread")
 async def vread(request: Request) -> Response:
     ctx = http.context(request)
     p = request.path_params
@@ -111,11 +116,15 @@ async def vread(request: Request) -> Response:
         return http.render(await crud.vread(repo, p["type"], p["id"], p["vid"]))
 
 
+@audited("history")
 async def history_route(request: Request) -> Response:
     ctx = http.context(request)
     p = request.path_params
     b = http.backends(request)
     resource_type, resource_id = p.get("type"), p.get("id")
+    request.state.audit.interaction = (
+        "history-instance" if resource_id else "history-type" if resource_type else "history-system"
+    )
     url = "/".join(x for x in (ctx.base, resource_type, resource_id, "_history") if x)
     async with b.session(ctx, write=False) as repo:
         result = await history(
@@ -132,9 +141,13 @@ async def history_route(request: Request) -> Response:
     return http.render(result)
 
 
+@audited("transaction", inline=frozenset({"POST"}))
 async def system(request: Request) -> Response:
     ctx = http.context(request)
     body = await http.json_body(request)
+    if isinstance(body, dict) and body.get("type") == "batch":
+        request.state.audit.interaction = "batch"
+        request.state.audit.inline = False  # entries commit one by one; the record follows them
     result = await bundle.process(ctx, http.backends(request), body, http.prefer_return(request))
     return http.render(result)
 
@@ -146,6 +159,7 @@ def _encounters(request: Request) -> int:
     return int(raw)
 
 
+@audited("operation")
 async def summary(request: Request) -> Response:
     ctx = http.context(request)
     patient_id = check_id(request.path_params["id"])
@@ -155,6 +169,7 @@ async def summary(request: Request) -> Response:
     return http.render(Result(200, bundle_))
 
 
+@audited("search-type")
 async def patient_list(request: Request) -> Response:
     """``/Patient/{id}/observations`` and ``/medication-requests``: a search fixed to the patient."""
     ctx = http.context(request)

@@ -2,25 +2,38 @@
 
 Contract: :func:`open_backends` builds everything a process needs for its profile and nothing at
 import time; :meth:`Backends.repository` opens one transaction bound to one facility and yields the
-repository over it (commit on normal exit, rollback on error). The embedded profile uses SQLite;
-production uses PostgreSQL. Cache and event-bus backends join here in later issues.
+repository over it (commit on normal exit, rollback on error).
+
+Database: SQLite (embedded) or PostgreSQL. Bus: in-process (default) or Kafka. Relay: ``inline``
+runs the outbox relay as a task of this process, woken after every write commit (on PostgreSQL
+it needs ``UNIHEALTH_RELAY_DATABASE_URL``, a role that sees every facility's outbox; without it
+the relay stays off here and runs as its own process); ``off`` leaves it to another process.
+The audit sealer is subscribed to the bus here when this process consumes it in-process.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 
+from streams.bus import Bus, InProcessBus, KafkaBus
+from streams.events import AUDIT_TOPIC
+from streams.relay import Relay, wait_stopped
+from streams.sealer import AuditSealer
 from subgraphs.store.access import AccessPolicy
 from subgraphs.store.database import Database, open_database
 from subgraphs.store.repository import ResourceRepository
 
 from .context import RequestContext
+from .security.audit import AccessAudit, persist
 from .security.tokens import TokenVerifier
 from .settings import Settings
 
 _INTERNAL = AccessPolicy.unrestricted("internal")
+log = logging.getLogger("unihealth.backends")
 
 
 @dataclass
@@ -28,6 +41,11 @@ class Backends:
     settings: Settings
     db: Database
     verifier: TokenVerifier
+    bus: Bus
+    relay: Relay | None = None
+    _relay_db: Database | None = None
+    _relay_task: asyncio.Task[None] | None = None
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     @asynccontextmanager
     async def repository(
@@ -36,12 +54,36 @@ class Backends:
         """One transaction for ``facility``; ``policy`` defaults to unrestricted (internal callers)."""
         async with self.db.transaction(write=write, facility=facility) as conn:
             yield ResourceRepository(self.db, conn, facility, policy)
+        if write and self.relay is not None:
+            self.relay.wake()  # committed: publish now rather than at the next poll
 
-    def session(self, ctx: RequestContext, *, write: bool) -> AbstractAsyncContextManager[ResourceRepository]:
-        """The request's transaction, under the caller's access policy."""
-        return self.repository(ctx.facility, write=write, policy=ctx.policy)
+    @asynccontextmanager
+    async def session(self, ctx: RequestContext, *, write: bool) -> AsyncIterator[ResourceRepository]:
+        """The request's transaction, under the caller's access policy. What the request read or
+        wrote goes into its access record; a single write commits that record with the change."""
+        async with self.repository(ctx.facility, write=write, policy=ctx.policy) as repo:
+            yield repo
+            if ctx.audit is not None:
+                ctx.audit.absorb(repo)
+                repo.touched.clear()
+                if write and ctx.audit.inline:
+                    ctx.audit.status = ctx.audit.status or 200
+                    await persist(repo, ctx.audit)
+
+    async def record_access(self, audit: AccessAudit) -> None:
+        """Persist ``audit`` in its own transaction unless it already went out with a write."""
+        if audit.recorded or audit.facility is None:
+            return
+        async with self.repository(audit.facility, write=True) as repo:
+            await persist(repo, audit)
 
     async def close(self) -> None:
+        self._stop.set()
+        if self._relay_task is not None:
+            await wait_stopped(self._relay_task)
+        await self.bus.stop()
+        if self._relay_db is not None:
+            await self._relay_db.dispose()
         await self.db.dispose()
 
 
@@ -51,4 +93,18 @@ async def open_backends(settings: Settings) -> Backends:
     await db.create_schema()
     if db.dialect == "sqlite":
         await db.analyze()  # SQLite plans badly without statistics; bounded by analysis_limit
-    return Backends(settings=settings, db=db, verifier=TokenVerifier(settings))
+    bus: Bus = KafkaBus(settings.kafka_bootstrap) if settings.bus == "kafka" else InProcessBus()
+    if settings.bus == "inprocess":
+        bus.subscribe(AUDIT_TOPIC, AuditSealer(db))
+    backends = Backends(settings=settings, db=db, verifier=TokenVerifier(settings), bus=bus)
+    await bus.start()
+    if settings.relay == "inline":
+        relay_db = db
+        if db.dialect == "postgresql":
+            if not settings.relay_database_url:
+                log.warning("relay is off in this process: set UNIHEALTH_RELAY_DATABASE_URL (a unihealth_relay role)")
+                return backends
+            relay_db = backends._relay_db = open_database(settings.relay_database_url, pool_size=2)
+        backends.relay = Relay(relay_db, bus)
+        backends._relay_task = asyncio.create_task(backends.relay.run(stop_event=backends._stop))
+    return backends

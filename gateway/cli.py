@@ -176,6 +176,31 @@ def cmd_token(args: argparse.Namespace) -> None:
         sys.exit(f"unihealth token: {exc}")
 
 
+def cmd_audit_verify(args: argparse.Namespace) -> None:
+    """Verify facilities' audit hash chains; exit 1 naming the first bad record."""
+    from streams import audit_chain
+    from subgraphs.store.database import open_database
+
+    settings = _settings(**({"data_dir": args.data_dir} if args.data_dir else {}))
+
+    async def run() -> list[audit_chain.Verdict]:
+        db = open_database(settings.database_url)
+        try:
+            names = args.facility or await audit_chain.facilities(db)
+            return [await audit_chain.verify(db, f) for f in names]
+        finally:
+            await db.dispose()
+
+    verdicts = asyncio.run(run())
+    bad = [v for v in verdicts if not v.ok]
+    for v in verdicts:
+        print(f"{v.facility}: {v.checked} records " + ("intact" if v.ok else f"BROKEN: {v.problem}"))
+    if not verdicts:
+        print("no audit chains found (with PostgreSQL row-level security, name them with --facility)")
+    if bad:
+        sys.exit(1)
+
+
 def cmd_migrate(args: argparse.Namespace) -> None:
     from .backends import open_backends
 
@@ -236,6 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--algorithm", default="RS256", help="with --private-key")
     tok.add_argument("--kid", default=None, help="with --private-key")
     tok.set_defaults(func=cmd_token)
+
+    audit = sub.add_parser("audit", help="the audit trail")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_sub.add_parser(
+        "verify", help="check the hash chains; names the first altered, removed or moved record"
+    )
+    verify.add_argument("--facility", action="append", help="repeat; default: every facility the connection sees")
+    verify.add_argument("--data-dir", default=None)
+    verify.set_defaults(func=cmd_audit_verify)
 
     migrate = sub.add_parser("migrate", help="create or upgrade the database schema")
     migrate.set_defaults(func=cmd_migrate)

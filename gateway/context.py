@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from subgraphs.store.access import AccessPolicy
 from subgraphs.store.errors import bad_request
 
+from .security.audit import AccessAudit
 from .security.tokens import Principal
 
 _FACILITY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9\-.]{0,63}$")
@@ -35,3 +36,4 @@ class RequestContext:
     policy: AccessPolicy
     principal: Principal | None = None  # None only for internal callers (import, relay)
     request_id: str = ""
+    audit: AccessAudit | None = None  # this request's access record (None for internal callers)

@@ -40,6 +40,10 @@ class Settings:
     jwt_audience: str = "unihealth"
     jwks: str = ""  # path or https URL of the JWKS that signs access tokens
     dev_jwt_key: bytes = b""  # HS256 key: embedded profile only
+    bus: str = "inprocess"  # inprocess | kafka
+    kafka_bootstrap: str = ""
+    relay: str = "inline"  # inline: this process drains the outbox; off: a separate relay does
+    relay_database_url: str = ""  # PostgreSQL: a role in unihealth_relay (sees every facility's outbox)
     smart_token_endpoint: str = ""
     smart_authorization_endpoint: str = ""
 
@@ -112,6 +116,15 @@ def _generated(path: Path) -> bytes:
     return key
 
 
+def _choice(
+    env: Mapping[str, str], overrides: Mapping[str, object], key: str, name: str, allowed: tuple[str, ...]
+) -> str:
+    value = str(overrides.get(key) or env.get(name, allowed[0]))
+    if value not in allowed:
+        raise SettingsError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
 def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
     """Build :class:`Settings` from ``env`` (default ``os.environ``) plus explicit overrides.
 
@@ -132,6 +145,10 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         raise SettingsError("UNIHEALTH_DATABASE_URL must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
     if profile == "production" and database_url.startswith("sqlite"):
         raise SettingsError("the production profile needs PostgreSQL, not SQLite")
+    if (overrides.get("bus") or env.get("UNIHEALTH_BUS")) == "kafka" and not (
+        overrides.get("kafka_bootstrap") or env.get("UNIHEALTH_KAFKA_BOOTSTRAP")
+    ):
+        raise SettingsError("UNIHEALTH_KAFKA_BOOTSTRAP is required when UNIHEALTH_BUS=kafka")
     secret = overrides.get("secret_key")
     dev_key = overrides.get("dev_jwt_key")
     if not isinstance(dev_key, bytes):
@@ -154,6 +171,10 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         jwt_audience=env.get("UNIHEALTH_JWT_AUDIENCE", "unihealth"),
         jwks=str(overrides.get("jwks") or env.get("UNIHEALTH_JWKS", "")),
         dev_jwt_key=dev_key,
+        bus=_choice(env, overrides, "bus", "UNIHEALTH_BUS", ("inprocess", "kafka")),
+        kafka_bootstrap=str(overrides.get("kafka_bootstrap") or env.get("UNIHEALTH_KAFKA_BOOTSTRAP", "")),
+        relay=_choice(env, overrides, "relay", "UNIHEALTH_RELAY", ("inline", "off")),
+        relay_database_url=str(overrides.get("relay_database_url") or env.get("UNIHEALTH_RELAY_DATABASE_URL", "")),
         smart_token_endpoint=env.get("UNIHEALTH_SMART_TOKEN_ENDPOINT", ""),
         smart_authorization_endpoint=env.get("UNIHEALTH_SMART_AUTHORIZATION_ENDPOINT", ""),
     )

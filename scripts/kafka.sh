@@ -156,7 +156,12 @@ fail() {
 }
 
 # A KRaft cluster id is 16 random bytes, base64url without padding.
-cluster_id=$(python3 -c 'import base64, uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')
+cluster_id=$(python3 -c 'import base64, uuid
+while True:
+    c = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    if not c.startswith("-"):  # a leading dash would parse as an option
+        break
+print(c)')
 "${jvm[@]}" kafka.tools.StorageTool format --standalone -t "$cluster_id" -c "$dir/server.properties" \
   >"$dir/format.log" 2>&1 || { cat "$dir/format.log" >&2; fail "formatting the KRaft store failed"; }
 

@@ -8,7 +8,8 @@ Contract (:class:`Bus`):
   :class:`PublishError` (or :class:`TimeoutError` past the publish timeout) and the caller must
   treat the whole call as not accepted: some messages may still have been delivered, which the
   at-least-once contract of :mod:`streams.events` allows.
-* ``subscribe(topic_or_prefix, handler)`` registers ``async handler(event: ChangeEvent)``. A
+* ``subscribe(topic_or_prefix, handler)`` registers ``async handler(event)`` — a
+  :class:`~streams.events.ChangeEvent`, or an :class:`~streams.events.AuditRecord` on the audit topic. A
   subscription equal to a topic matches that topic; one ending in ``.`` (e.g.
   :data:`streams.events.TOPIC_PREFIX`) matches every topic that starts with it. Subscribe before
   :meth:`start`. Handlers of one subscription see events in publish order per key.
@@ -33,11 +34,11 @@ from typing import Any, NamedTuple, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from .events import ChangeEvent
+from .events import Event, decode
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[ChangeEvent], Awaitable[None]]
+Handler = Callable[[Any], Awaitable[None]]  # receives a ChangeEvent, or an AuditRecord on the audit topic
 
 
 class Message(NamedTuple):
@@ -95,7 +96,7 @@ class _Dispatcher:
         log.error("change event on %s (key %r) failed in %s: %r", topic, key, handler, error, exc_info=error)
         self.failures.append(HandlerFailure(topic, key, value, handler, repr(error)))
 
-    async def deliver(self, topic: str, key: bytes | None, event: ChangeEvent, value: bytes | None) -> None:
+    async def deliver(self, topic: str, key: bytes | None, event: Event, value: bytes | None) -> None:
         for subscription, handler in self.subscriptions:
             if not matches(subscription, topic):
                 continue
@@ -135,7 +136,7 @@ class InProcessBus:
 
     async def publish_many(self, messages: Sequence[Message]) -> None:
         """Deliver ``messages`` in order; a value that is not a valid change event is a ValueError."""
-        events = [ChangeEvent.from_json(m.value) for m in messages]
+        events = [decode(m.topic, m.value) for m in messages]
         async with self._lock:
             for message, event in zip(messages, events, strict=True):
                 await self._dispatch.deliver(message.topic, message.key, event, message.value)
@@ -281,7 +282,7 @@ class KafkaBus:
 
     async def _handle(self, topic: str, key: bytes | None, value: bytes | None) -> None:
         try:
-            event = ChangeEvent.from_json(value if value is not None else b"")
+            event = decode(topic, value if value is not None else b"")
         except ValueError as exc:
             self._dispatch.record(topic, key, value, "decode", exc)
             return

@@ -148,3 +148,63 @@ def _check_instant(value: str) -> None:
     offset = parsed.utcoffset()
     if offset is None or offset.total_seconds() != 0:
         raise ValueError("change event field 'occurred_at' must be in UTC")
+
+
+AUDIT_TOPIC = "unihealth.audit"
+"""The topic of access records (one per FHIR or GraphQL request), keyed by facility."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """One access, as published on :data:`AUDIT_TOPIC` (schema 1)::
+
+        {"schema": 1, "event_id": "<uuid>", "facility": "fac-001",
+         "recorded": "2026-01-31T10:00:00.123Z", "audit_event": {... an R5 AuditEvent ...}}
+
+    The key is the facility, so one facility's records arrive in order at the sealer, which
+    appends them to that facility's hash chain and stores the AuditEvent (id = ``event_id``).
+    Delivery is at least once; the sealer deduplicates by ``event_id``.
+    """
+
+    event_id: str
+    facility: str
+    recorded: str
+    audit_event: dict[str, Any]
+    schema: int = SCHEMA_VERSION
+
+    @property
+    def topic(self) -> str:
+        return AUDIT_TOPIC
+
+    @property
+    def key(self) -> bytes:
+        return self.facility.encode()
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self)
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> AuditRecord:
+        try:
+            obj: Any = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(f"audit record is not valid JSON: {exc}") from None
+        if not isinstance(obj, dict) or obj.get("schema") != SCHEMA_VERSION:
+            raise ValueError("audit record must be a JSON object with schema 1")
+        for name in ("event_id", "facility", "recorded"):
+            if not isinstance(obj.get(name), str) or not obj[name]:
+                raise ValueError(f"audit record field {name!r} must be a non-empty string")
+        event = obj.get("audit_event")
+        if not isinstance(event, dict) or event.get("resourceType") != "AuditEvent":
+            raise ValueError("audit record field 'audit_event' must be an AuditEvent")
+        return cls(obj["event_id"], obj["facility"], obj["recorded"], event)
+
+
+Event = ChangeEvent | AuditRecord
+
+
+def decode(topic: str, value: bytes | str) -> Event:
+    """The event carried by a message of ``topic`` (ValueError when it is not valid)."""
+    if topic == AUDIT_TOPIC:
+        return AuditRecord.from_json(value)
+    return ChangeEvent.from_json(value)

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import Select, select, update
 
 from subgraphs.store.database import Database, SqlConnection
@@ -41,9 +42,12 @@ from subgraphs.store.dates import as_utc, instant
 from subgraphs.store.schema import outbox
 
 from .bus import Bus, Message
-from .events import ChangeEvent, message_key
+from .events import AuditRecord, ChangeEvent, message_key
 
 log = logging.getLogger(__name__)
+
+AUDIT_OPERATION = "audit"
+"""Outbox rows with this operation carry an access record (``payload``), not a change."""
 
 _COLUMNS = (
     outbox.c.seq,
@@ -55,6 +59,7 @@ _COLUMNS = (
     outbox.c.operation,
     outbox.c.patient_id,
     outbox.c.occurred_at,
+    outbox.c.payload,
 )
 
 
@@ -72,7 +77,19 @@ def event_from_row(row: Any) -> ChangeEvent:
     )
 
 
+def message_from_row(row: Any) -> Message:
+    """The bus message for one ``outbox`` row: a change event, or (operation ``audit``) the access
+    record stored in its payload, on the audit topic."""
+    if row.operation == AUDIT_OPERATION:
+        record = AuditRecord(row.event_id, row.facility, instant(as_utc(row.occurred_at)), orjson.loads(row.payload))
+        return Message(record.topic, record.key, record.to_json())
+    event = event_from_row(row)
+    return Message(event.topic, event.key, event.to_json())
+
+
 def _row_key(row: Any) -> bytes:
+    if row.operation == AUDIT_OPERATION:
+        return str(row.facility).encode()
     return message_key(row.facility, row.type, row.id, row.patient_id)
 
 
@@ -168,9 +185,9 @@ class Relay:
         """The claimed rows that may go now: none with an older unpublished row of its key outside the claim."""
         seqs = [r.seq for r in claimed]
         older = await conn.execute(
-            select(outbox.c.seq, outbox.c.facility, outbox.c.type, outbox.c.id, outbox.c.patient_id).where(
-                outbox.c.published_at.is_(None), outbox.c.seq < seqs[-1], outbox.c.seq.not_in(seqs)
-            )
+            select(
+                outbox.c.seq, outbox.c.facility, outbox.c.type, outbox.c.id, outbox.c.patient_id, outbox.c.operation
+            ).where(outbox.c.published_at.is_(None), outbox.c.seq < seqs[-1], outbox.c.seq.not_in(seqs))
         )
         first_held: dict[bytes, int] = {}
         for row in older:
@@ -186,11 +203,7 @@ class Relay:
 
     # ---------------------------------------------------------------- shared
     async def _publish(self, rows: Sequence[Any]) -> None:
-        messages = []
-        for row in rows:
-            event = event_from_row(row)
-            messages.append(Message(event.topic, event.key, event.to_json()))
-        await self.bus.publish_many(messages)
+        await self.bus.publish_many([message_from_row(row) for row in rows])
 
     async def _mark(self, conn: SqlConnection, rows: Sequence[Any]) -> None:
         now = datetime.now(UTC)

@@ -119,6 +119,7 @@ def settings_for(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixtu
             overrides.setdefault("migration_database_url", request.getfixturevalue("postgres_url"))
         else:
             url = f"sqlite+aiosqlite:///{data_dir / 'unihealth.db'}"
+        overrides.setdefault("relay", "off")  # tests drain the outbox themselves, when and as whom they choose
         return load_settings(
             {}, data_dir=data_dir, database_url=url, secret_key=SECRET, dev_jwt_key=DEV_JWT_KEY, **overrides
         )

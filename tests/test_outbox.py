@@ -14,7 +14,7 @@ async def _rows(app: Starlette, facility: str) -> list[tuple[str, str, int, str,
     async with app.state.backends.repository(facility, write=False) as repo:
         result = await repo.conn.execute(
             select(outbox.c.type, outbox.c.id, outbox.c.version, outbox.c.operation, outbox.c.patient_id)
-            .where(outbox.c.facility == facility)
+            .where(outbox.c.facility == facility, outbox.c.operation != "audit")
             .order_by(outbox.c.seq)
         )
         return [tuple(r) for r in result]  # type: ignore[misc]

@@ -61,6 +61,10 @@ class ResourceRepository:
         self.conn = conn
         self.facility = facility
         self.policy = policy
+        self.touched: list[tuple[str, str]] = []
+        """(type, id) of every resource this repository returned or wrote — for the access audit."""
+        self.patients: set[str] = set()
+        """Patients of the resources written here (from their outbox events)."""
 
     # ------------------------------------------------------------------ policy helpers
     def _policy(self, resource_type: str, letter: str) -> tuple[sql.PolicyShapes, dict[str, Any]]:
@@ -91,6 +95,7 @@ class ResourceRepository:
             return None
         if shapes is not None and resource_id not in await self._visible(resource_type, [resource_id], "r"):
             return None
+        self.touched.append((resource_type, resource_id))
         return StoredResource.from_row(row)
 
     async def read_many(self, resource_type: str, ids: Sequence[str]) -> list[StoredResource]:
@@ -100,7 +105,11 @@ class ResourceRepository:
         shapes, _ = self._policy(resource_type, "r")
         visible = set(ids) if shapes is None else await self._visible(resource_type, ids, "r")
         params = {"facility": self.facility, "type": resource_type, "ids": list(visible)}
-        return [StoredResource.from_row(r) for r in await self.conn.execute(sql.read_many(), params)] if visible else []
+        found = (
+            [StoredResource.from_row(r) for r in await self.conn.execute(sql.read_many(), params)] if visible else []
+        )
+        self.touched.extend((r.type, r.id) for r in found)
+        return found
 
     async def vread(self, resource_type: str, resource_id: str, version: int) -> StoredResource | None:
         if await self.read(resource_type, resource_id) is None:
@@ -169,6 +178,7 @@ class ResourceRepository:
                 raise bad_request("the paging cursor is not valid for this search") from None
         rows = list(await self.conn.execute(sql.search(shape, policy, sort, after is not None), params))
         page = [StoredResource.from_row(r) for r in rows[: query.count]]
+        self.touched.extend((r.type, r.id) for r in page)
         position = None
         if len(rows) > query.count:
             last = rows[query.count - 1]
@@ -199,7 +209,9 @@ class ResourceRepository:
             categories=list(categories),
             bad_status=list(exclude_status),
         )
-        return [StoredResource.from_row(r) for r in await self.conn.execute(sql.latest_per_code(policy), params)]
+        found = [StoredResource.from_row(r) for r in await self.conn.execute(sql.latest_per_code(policy), params)]
+        self.touched.extend((r.type, r.id) for r in found)
+        return found
 
     # ------------------------------------------------------------------ writes
     async def lock(self, key: str) -> None:
@@ -244,7 +256,27 @@ class ResourceRepository:
         await writes.apply(self.conn, self.facility, plan)
         if not self.policy.everything:
             await self._check_after(changes, letters)
+        self.touched.extend(keys)
+        self.patients.update(e["patient_id"] for e in plan.events if e["patient_id"])
         return plan.stored
+
+    # ------------------------------------------------------------------ audit
+    async def patients_of(self, touched: Sequence[tuple[str, str]]) -> set[str]:
+        """The compartment patients of ``touched`` resources (Patients are their own)."""
+        patients = {rid for rtype, rid in touched if rtype == "Patient"}
+        by_type: dict[str, list[str]] = {}
+        for rtype, rid in touched:
+            if rtype != "Patient":
+                by_type.setdefault(rtype, []).append(rid)
+        for rtype, ids in by_type.items():
+            for chunk in writes.chunks(sorted(set(ids)), 500):
+                params = {"facility": self.facility, "type": rtype, "ids": chunk}
+                patients.update((await self.conn.execute(sql.patients_of(), params)).scalars())
+        return patients
+
+    async def append_audit(self, event_id: str, payload: bytes, patient: str | None, when: datetime) -> None:
+        """One access record on the outbox, in this transaction (see :mod:`gateway.security.audit`)."""
+        await writes.append_audit(self.conn, self.facility, event_id, payload, patient, when)
 
     async def _check_before(
         self, changes: Sequence[Change], current: writes.Versions, letters: dict[tuple[str, str], str]

@@ -22,6 +22,7 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     String,
     Table,
+    UniqueConstraint,
     text,
 )
 
@@ -79,12 +80,28 @@ outbox = Table(
     Column("patient_id", RID, nullable=True),
     Column("occurred_at", DateTime(timezone=True), nullable=False),
     Column("published_at", DateTime(timezone=True), nullable=True),
+    Column("payload", LargeBinary, nullable=True),  # operation "audit": the access record (JSON)
     Index(
         "ix_outbox_unpublished",
         "seq",
         postgresql_where=text("published_at IS NULL"),
         sqlite_where=text("published_at IS NULL"),
     ),
+)
+
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("facility", FACILITY, nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("event_id", String(36), nullable=False),
+    Column("recorded", DateTime(timezone=True), nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+    Column("content", LargeBinary, nullable=False),  # the AuditEvent JSON exactly as hashed
+    PrimaryKeyConstraint("facility", "seq", name="pk_audit_log"),
+    UniqueConstraint("facility", "event_id", name="uq_audit_log_event"),
 )
 
 

@@ -229,3 +229,19 @@ def latest_per_code(policy: PolicyShapes) -> Any:
         )
         .order_by(resources.c.id)
     )
+
+
+@lru_cache(maxsize=1)
+def patients_of() -> Any:
+    """The compartment patients (``patient`` reference index) of ``:ids`` of one type — for the audit."""
+    return (
+        select(idx_reference.c.target_id)
+        .where(
+            idx_reference.c.facility == bindparam("facility"),
+            idx_reference.c.type == bindparam("type"),
+            idx_reference.c.id.in_(bindparam("ids", expanding=True)),
+            idx_reference.c.param == PATIENT_PARAM,
+            idx_reference.c.target_type == "Patient",
+        )
+        .distinct()
+    )

@@ -190,3 +190,26 @@ async def apply(conn: SqlConnection, facility: str, p: WritePlan) -> None:
 def chunks(items: list[str], size: int) -> Iterable[list[str]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+AUDIT_OPERATION = "audit"
+
+
+async def append_audit(
+    conn: SqlConnection, facility: str, event_id: str, payload: bytes, patient: str | None, when: datetime
+) -> None:
+    """An access record on the outbox (operation ``audit``, type AuditEvent, id = event id)."""
+    await conn.execute(
+        insert(outbox),
+        {
+            "event_id": event_id,
+            "facility": facility,
+            "type": "AuditEvent",
+            "id": event_id,
+            "version": 1,
+            "operation": AUDIT_OPERATION,
+            "patient_id": patient,
+            "occurred_at": when,
+            "payload": payload,
+        },
+    )
