@@ -11,6 +11,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.context import RequestContext
+from gateway.linked import linked_summary_entries
+from gateway.security import break_glass
 from gateway.summary import patient_summary
 from subgraphs.store import fhirjson
 from subgraphs.store.errors import FhirError, bad_request
@@ -164,8 +166,21 @@ async def summary(request: Request) -> Response:
     ctx = http.context(request)
     patient_id = check_id(request.path_params["id"])
     encounters = _encounters(request)
-    async with http.backends(request).session(ctx, write=False) as repo:
-        bundle_ = await patient_summary(repo, ctx.base, patient_id, encounters)
+    b = http.backends(request)
+    assert ctx.principal is not None
+    reason = break_glass.requested(ctx.principal, request.headers.get("x-break-glass-reason"))
+    btg: break_glass.Session | None
+    async with b.session(ctx, write=reason is not None) as repo:
+        bundle_ = await patient_summary(repo, ctx.base, patient_id, encounters)  # 404 before any glass breaks
+        if reason is not None:
+            btg = await break_glass.engage(
+                repo, ctx.principal, patient_id, reason, b.settings.btg_minutes, b.settings.btg_roles
+            )
+        else:
+            btg = await break_glass.open_session(repo, ctx.principal, patient_id)
+    bundle_["entry"] += await linked_summary_entries(b, ctx, patient_id, encounters, btg)
+    if btg is not None:
+        bundle_["meta"] = {"security": [break_glass.LABEL]}
     return http.render(Result(200, bundle_))
 
 

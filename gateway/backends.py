@@ -25,6 +25,7 @@ from streams.relay import Relay, wait_stopped
 from streams.sealer import AuditSealer
 from subgraphs.store.access import AccessPolicy
 from subgraphs.store.database import Database, open_database
+from subgraphs.store.links import PatientLinker
 from subgraphs.store.repository import ResourceRepository
 
 from .context import RequestContext
@@ -42,6 +43,7 @@ class Backends:
     db: Database
     verifier: TokenVerifier
     bus: Bus
+    linker: PatientLinker | None = None
     relay: Relay | None = None
     _relay_db: Database | None = None
     _relay_task: asyncio.Task[None] | None = None
@@ -53,7 +55,7 @@ class Backends:
     ) -> AsyncIterator[ResourceRepository]:
         """One transaction for ``facility``; ``policy`` defaults to unrestricted (internal callers)."""
         async with self.db.transaction(write=write, facility=facility) as conn:
-            yield ResourceRepository(self.db, conn, facility, policy)
+            yield ResourceRepository(self.db, conn, facility, policy, self.linker)
         if write and self.relay is not None:
             self.relay.wake()  # committed: publish now rather than at the next poll
 
@@ -96,7 +98,8 @@ async def open_backends(settings: Settings) -> Backends:
     bus: Bus = KafkaBus(settings.kafka_bootstrap) if settings.bus == "kafka" else InProcessBus()
     if settings.bus == "inprocess":
         bus.subscribe(AUDIT_TOPIC, AuditSealer(db))
-    backends = Backends(settings=settings, db=db, verifier=TokenVerifier(settings), bus=bus)
+    linker = PatientLinker(settings.national_id_system, settings.secret_key)
+    backends = Backends(settings=settings, db=db, verifier=TokenVerifier(settings), bus=bus, linker=linker)
     await bus.start()
     if settings.relay == "inline":
         relay_db = db

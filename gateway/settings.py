@@ -44,6 +44,8 @@ class Settings:
     kafka_bootstrap: str = ""
     relay: str = "inline"  # inline: this process drains the outbox; off: a separate relay does
     relay_database_url: str = ""  # PostgreSQL: a role in unihealth_relay (sees every facility's outbox)
+    btg_minutes: int = 60
+    btg_roles: tuple[str, ...] = ("clinician",)
     smart_token_endpoint: str = ""
     smart_authorization_endpoint: str = ""
 
@@ -175,6 +177,8 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         kafka_bootstrap=str(overrides.get("kafka_bootstrap") or env.get("UNIHEALTH_KAFKA_BOOTSTRAP", "")),
         relay=_choice(env, overrides, "relay", "UNIHEALTH_RELAY", ("inline", "off")),
         relay_database_url=str(overrides.get("relay_database_url") or env.get("UNIHEALTH_RELAY_DATABASE_URL", "")),
+        btg_minutes=_int(env, "UNIHEALTH_BTG_MINUTES", 60, 1, 24 * 60),
+        btg_roles=tuple(r.strip() for r in env.get("UNIHEALTH_BTG_ROLES", "clinician").split(",") if r.strip()),
         smart_token_endpoint=env.get("UNIHEALTH_SMART_TOKEN_ENDPOINT", ""),
         smart_authorization_endpoint=env.get("UNIHEALTH_SMART_AUTHORIZATION_ENDPOINT", ""),
     )

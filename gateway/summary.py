@@ -31,6 +31,17 @@ async def _search(
 
 
 async def patient_summary(repo: ResourceRepository, base: str, patient_id: str, encounters: int) -> dict[str, Any]:
+    parts = await summary_parts(repo, patient_id, encounters)
+    return {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "timestamp": instant(datetime.now(UTC)),
+        "entry": [entry(base, r, mode=None) for r in parts],
+    }
+
+
+async def summary_parts(repo: ResourceRepository, patient_id: str, encounters: int) -> list[StoredResource]:
+    """The summary's resources from ``repo``'s facility, as the caller may see them (see module doc)."""
     check_id(patient_id)
     patient = await repo.read("Patient", patient_id)
     if patient is None:
@@ -51,9 +62,4 @@ async def patient_summary(repo: ResourceRepository, base: str, patient_id: str, 
             parts += await _search(repo, resource_type, pairs, count)
     if allowed("Observation", "s"):
         parts += await repo.latest_per_code("Observation", patient_id, SUMMARY_CATEGORIES)
-    return {
-        "resourceType": "Bundle",
-        "type": "collection",
-        "timestamp": instant(datetime.now(UTC)),
-        "entry": [entry(base, r, mode=None) for r in parts],
-    }
+    return parts

@@ -135,7 +135,7 @@ def audit_event(audit: AccessAudit, recorded: datetime) -> dict[str, Any]:
         },
     }
     if principal and principal.purpose_of_use:
-        event["purposeOfEvent"] = [
+        event["authorization"] = [
             {"coding": [_coding("http://terminology.hl7.org/CodeSystem/v3-ActReason", principal.purpose_of_use)]}
         ]
     patients = sorted(audit.patients)

@@ -22,12 +22,13 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from . import links, writes
 from . import statements as sql
-from . import writes
 from .access import AccessPolicy
 from .database import Database, SqlConnection
 from .dates import as_utc
 from .errors import FhirError, bad_request
+from .links import PatientLinker
 from .records import (
     Change,
     HistoryEntry,
@@ -56,11 +57,19 @@ _FULL = AccessPolicy.unrestricted("repository default")
 
 
 class ResourceRepository:
-    def __init__(self, db: Database, conn: SqlConnection, facility: str, policy: AccessPolicy = _FULL) -> None:
+    def __init__(
+        self,
+        db: Database,
+        conn: SqlConnection,
+        facility: str,
+        policy: AccessPolicy = _FULL,
+        linker: PatientLinker | None = None,
+    ) -> None:
         self.db = db
         self.conn = conn
         self.facility = facility
         self.policy = policy
+        self.linker = linker
         self.touched: list[tuple[str, str]] = []
         """(type, id) of every resource this repository returned or wrote — for the access audit."""
         self.patients: set[str] = set()
@@ -258,6 +267,10 @@ class ResourceRepository:
             await self._check_after(changes, letters)
         self.touched.extend(keys)
         self.patients.update(e["patient_id"] for e in plan.events if e["patient_id"])
+        if self.linker is not None:
+            for change in changes:
+                if change.type == "Patient":
+                    await links.relink(self.conn, self.facility, change.id, self.linker.keys_of(change.body))
         return plan.stored
 
     # ------------------------------------------------------------------ audit

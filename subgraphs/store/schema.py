@@ -105,6 +105,35 @@ audit_log = Table(
 )
 
 
+patient_links = Table(
+    "patient_links",
+    metadata,
+    Column("national_key", String(64), nullable=False),  # HMAC of the national identifier, never the value
+    Column("facility", FACILITY, nullable=False),
+    Column("patient_id", RID, nullable=False),
+    PrimaryKeyConstraint("national_key", "facility", "patient_id", name="pk_patient_links"),
+    Index("ix_patient_links_patient", "facility", "patient_id"),
+)
+
+btg_sessions = Table(
+    "btg_sessions",
+    metadata,
+    Column("facility", FACILITY, nullable=False),
+    Column("id", String(36), nullable=False),
+    Column("patient_id", RID, nullable=False),
+    Column("subject", String(255), nullable=False),
+    Column("reason", String(1000), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("stop_recorded", Boolean, nullable=False),
+    Column("reviewed_by", String(255), nullable=True),
+    Column("reviewed_at", DateTime(timezone=True), nullable=True),
+    Column("review_note", String(1000), nullable=True),
+    PrimaryKeyConstraint("facility", "id", name="pk_btg_sessions"),
+    Index("ix_btg_sessions_patient", "facility", "patient_id", "subject", "expires_at"),
+)
+
+
 def _index_table(name: str, *columns: Column[object], lookup: tuple[str, ...]) -> Table:
     return Table(
         name,
