@@ -201,6 +201,34 @@ def cmd_audit_verify(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
+def cmd_btg(args: argparse.Namespace) -> None:
+    """List break-the-glass sessions (recording stops of expired ones) or mark one reviewed."""
+    import json
+
+    from .backends import open_backends
+    from .security import break_glass
+
+    settings = _settings(**({"data_dir": args.data_dir} if args.data_dir else {}))
+
+    async def run() -> list[dict[str, object]]:
+        backends = await open_backends(settings)
+        try:
+            async with backends.repository(args.facility, write=True) as repo:
+                await break_glass.sweep(repo)
+                if args.btg_command == "review":
+                    return [(await break_glass.review(repo, args.id, args.by, args.note)).json()]
+                return [s.json() for s in await break_glass.sessions(repo, open_only=args.open)]
+        finally:
+            await backends.close()
+
+    from subgraphs.store.errors import FhirError
+
+    try:
+        print(json.dumps(asyncio.run(run()), indent=2))
+    except FhirError as exc:
+        sys.exit(f"unihealth btg: {exc.diagnostics}")
+
+
 def cmd_migrate(args: argparse.Namespace) -> None:
     from .backends import open_backends
 
@@ -270,6 +298,21 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--facility", action="append", help="repeat; default: every facility the connection sees")
     verify.add_argument("--data-dir", default=None)
     verify.set_defaults(func=cmd_audit_verify)
+
+    btg = sub.add_parser("btg", help="break-the-glass sessions, for privacy officers")
+    btg_sub = btg.add_subparsers(dest="btg_command", required=True)
+    btg_list = btg_sub.add_parser("list", help="sessions of a facility, newest first")
+    btg_list.add_argument("--facility", required=True)
+    btg_list.add_argument("--open", action="store_true", help="only sessions not yet stopped")
+    btg_list.add_argument("--data-dir", default=None)
+    btg_list.set_defaults(func=cmd_btg)
+    btg_review = btg_sub.add_parser("review", help="mark a session reviewed")
+    btg_review.add_argument("--facility", required=True)
+    btg_review.add_argument("--id", required=True)
+    btg_review.add_argument("--by", required=True, help="the reviewing privacy officer")
+    btg_review.add_argument("--note", default=None)
+    btg_review.add_argument("--data-dir", default=None)
+    btg_review.set_defaults(func=cmd_btg, open=False)
 
     migrate = sub.add_parser("migrate", help="create or upgrade the database schema")
     migrate.set_defaults(func=cmd_migrate)

@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import update
 from starlette.applications import Starlette
 
+from gateway.security import break_glass
 from gateway.security.consent import FACILITY_SYSTEM, decision, permits
 from subgraphs.store.database import Database
 from subgraphs.store.schema import btg_sessions
@@ -242,3 +243,9 @@ async def test_linked_records_need_consent_or_break_the_glass(
         if e["code"]["coding"][0]["system"].endswith("DCM")
     ]
     assert dcm == ["110127", "110138", "110127"], dcm
+    async with app.state.backends.repository(facility, write=True) as repo:  # the privacy officer's review
+        listed = await break_glass.sessions(repo)
+        assert [s.reason for s in listed] == ["second look", "unconscious in ED"]
+        assert [s.stop_recorded for s in listed] == [False, True]
+        reviewed = await break_glass.review(repo, listed[1].id, "privacy officer", "justified: ED admission")
+        assert reviewed.reviewed_by == "privacy officer" and reviewed.json()["reviewNote"].startswith("justified")
