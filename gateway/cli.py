@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -85,6 +86,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
     elif args.data_dir:
         overrides["data_dir"] = args.data_dir
     settings = _settings(**overrides)
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        sys.exit("unihealth serve: --ssl-certfile and --ssl-keyfile go together")
+    if (
+        settings.profile == "production"
+        and not args.ssl_certfile
+        and os.environ.get("UNIHEALTH_ALLOW_PLAINTEXT") != "1"
+    ):
+        sys.exit(
+            "unihealth serve: the production profile serves TLS only (--ssl-certfile/--ssl-keyfile); set "
+            "UNIHEALTH_ALLOW_PLAINTEXT=1 only behind a TLS-terminating proxy on a private network"
+        )
     app = create_app(settings, on_startup=_load_demo if args.demo else None)
     app.state.host, app.state.port = args.host, args.port
     uvicorn.run(
@@ -95,6 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         access_log=False,
         ssl_certfile=args.ssl_certfile,
         ssl_keyfile=args.ssl_keyfile,
+        ssl_ciphers="ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!MD5",  # with OpenSSL's defaults: TLS 1.2+ only
     )
 
 

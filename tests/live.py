@@ -21,7 +21,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve(data_dir: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 120) -> Iterator[str]:
+def serve(
+    data_dir: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+    scheme: str = "http",
+    verify: str | bool = True,
+) -> Iterator[str]:
     """Run ``unihealth serve`` until the block ends; yields its base URL once /healthz answers."""
     port = free_port()
     log = (data_dir / f"serve-{port}.log").open("wb")
@@ -31,14 +38,14 @@ def serve(data_dir: Path, *args: str, env: dict[str, str] | None = None, timeout
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    base = f"http://127.0.0.1:{port}"
+    base = f"{scheme}://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited: {(data_dir / f'serve-{port}.log').read_text()[-3000:]}")
             try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                if httpx.get(f"{base}/healthz", timeout=1, verify=verify).status_code == 200:
                     break
             except httpx.TransportError:
                 pass

@@ -25,6 +25,7 @@ def live(backend: str, settings_for: Any, tmp_path_factory: pytest.TempPathFacto
         "UNIHEALTH_DATABASE_URL": settings.database_url,
         "UNIHEALTH_SECRET_KEY": settings.secret_key.decode(),
         "UNIHEALTH_DEV_JWT_KEY": settings.dev_jwt_key.decode(),
+        "UNIHEALTH_MIGRATION_DATABASE_URL": settings.migration_database_url,
     }
     with serve(tmp_path_factory.mktemp("live"), env=env) as base:
         yield base, settings
