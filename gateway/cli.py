@@ -327,6 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     btg_review.add_argument("--data-dir", default=None)
     btg_review.set_defaults(func=cmd_btg, open=False)
 
+    from subgraphs.cli import add_subgraph_parser
+
+    add_subgraph_parser(sub)
+
     migrate = sub.add_parser("migrate", help="create or upgrade the database schema")
     migrate.set_defaults(func=cmd_migrate)
     return parser

@@ -1,0 +1,99 @@
+"""ASGI apps serving one subgraph at ``/graphql`` (POST JSON and GET queries) and ``/healthz``.
+
+Contract:
+* :func:`create_subgraph_app` serves a schema over backends the caller owns (in-process: the
+  edge, tests); :func:`create_standalone_app` opens the backends of ``settings`` in its lifespan
+  and closes them on shutdown (``unihealth subgraph NAME``); once started it moves everything
+  allocated so far out of the cyclic GC's reach (``gc.freeze``: the schema and settings live as
+  long as the process, and full collections over them were the worst latency tail, ~100 ms).
+  Neither does I/O when called.
+* Each HTTP request gets a fresh :class:`~subgraphs.graphql.context.SubgraphContext` from its
+  headers (``Authorization``, ``X-Facility-Id``, ``X-Request-Id``); responses are JSON written by
+  orjson, so ``resource`` fields are the stored bytes and decimals keep their digits.
+* :func:`schema_for` builds the schema of a subgraph by name (:data:`SUBGRAPHS`).
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.websockets import WebSocket
+from strawberry.asgi import GraphQL
+
+from gateway.backends import Backends, open_backends
+from gateway.settings import Settings
+from subgraphs.store import fhirjson
+
+from . import SUBGRAPHS
+from .context import SubgraphContext
+from .schema import SubgraphSchema
+
+
+def schema_for(name: str) -> SubgraphSchema:
+    """A new schema of subgraph ``name`` (one of :data:`SUBGRAPHS`)."""
+    if name not in SUBGRAPHS:
+        raise ValueError(f"unknown subgraph {name!r}; subgraphs are {', '.join(SUBGRAPHS)}")
+    module = importlib.import_module(f"subgraphs.{name}.schema")
+    schema: SubgraphSchema = module.build_schema()
+    return schema
+
+
+def _base(request: Request | WebSocket, backends: Backends) -> str:
+    configured = backends.settings.base_url
+    if configured:
+        return f"{configured}/fhir/r5"
+    return f"{request.url.scheme}://{request.url.netloc}/fhir/r5"
+
+
+class SubgraphView(GraphQL[SubgraphContext, None]):
+    """strawberry's ASGI view with our context and orjson encoding."""
+
+    async def get_context(self, request: Request | WebSocket, response: Response | WebSocket) -> SubgraphContext:
+        backends: Backends = request.app.state.backends
+        client = request.client.host if request.client else None
+        return SubgraphContext.from_headers(backends, request.headers, base=_base(request, backends), client=client)
+
+    def encode_json(self, data: object) -> bytes:
+        return fhirjson.dumps(data)
+
+
+async def _healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+def _routes(schema: SubgraphSchema, *, ide: bool) -> list[Route]:
+    view = SubgraphView(schema, graphql_ide="graphiql" if ide else None, allow_queries_via_get=True)
+    return [
+        Route("/graphql", view, methods=["GET", "POST"]),
+        Route("/healthz", _healthz, methods=["GET"]),
+    ]
+
+
+def create_subgraph_app(schema: SubgraphSchema, backends: Backends) -> Starlette:
+    """Serve ``schema`` over ``backends`` (opened and closed by the caller)."""
+    app = Starlette(routes=_routes(schema, ide=backends.settings.profile == "embedded"))
+    app.state.backends = backends
+    return app
+
+
+def create_standalone_app(schema: SubgraphSchema, settings: Settings) -> Starlette:
+    """Serve ``schema`` as its own process: backends opened in the lifespan, closed at shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.state.backends = await open_backends(settings)
+        gc.collect()
+        gc.freeze()
+        try:
+            yield
+        finally:
+            await app.state.backends.close()
+
+    return Starlette(routes=_routes(schema, ide=settings.profile == "embedded"), lifespan=lifespan)

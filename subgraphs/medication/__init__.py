@@ -1,0 +1,1 @@
+"""The medication subgraph (MedicationRequest, Medication; Patient.medicationRequests); see :mod:`.schema`."""

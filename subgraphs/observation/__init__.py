@@ -1,0 +1,1 @@
+"""The observation subgraph (Observation; Patient.observations, Patient.latestVitals); see :mod:`.schema`."""

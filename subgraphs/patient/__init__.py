@@ -1,0 +1,1 @@
+"""The patient subgraph (Patient, Encounter, AllergyIntolerance, Condition); see :mod:`.schema`."""
