@@ -2,7 +2,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint bench clean
 
 install: $(VENV)/.installed
 
@@ -15,6 +15,9 @@ run: install
 
 test: install
 	scripts/test.sh
+
+bench: install
+	$(VENV)/bin/unihealth bench $(BENCH_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

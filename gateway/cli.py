@@ -1,8 +1,10 @@
 """The ``unihealth`` command.
 
 Sub-commands: ``serve`` (the edge; ``--demo`` loads deterministic demo data first), ``demo-data``
-(write synthetic NDJSON), ``import`` (load NDJSON or Bundles), ``migrate`` (bring the database
-schema up to date). Settings come from ``UNIHEALTH_*`` variables (see :mod:`gateway.settings`).
+(write synthetic NDJSON), ``import`` (load NDJSON or Bundles), ``token`` (development tokens),
+``subgraph`` (one GraphQL subgraph as its own process), ``audit verify``, ``btg list|review``,
+``bench`` (k6 scenarios against the embedded and PostgreSQL targets), ``migrate``. Settings come
+from ``UNIHEALTH_*`` variables (see :mod:`gateway.settings`).
 """
 
 from __future__ import annotations
@@ -329,7 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from subgraphs.cli import add_subgraph_parser
 
+    from .bench import add_bench_parser
+
     add_subgraph_parser(sub)
+    add_bench_parser(sub)
 
     migrate = sub.add_parser("migrate", help="create or upgrade the database schema")
     migrate.set_defaults(func=cmd_migrate)
