@@ -11,7 +11,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.context import RequestContext
-from gateway.linked import linked_summary_entries
+from gateway.linked import linked_records, linked_summary_entries
 from gateway.security import break_glass
 from gateway.summary import patient_summary
 from subgraphs.store import fhirjson
@@ -169,16 +169,18 @@ async def summary(request: Request) -> Response:
     b = http.backends(request)
     assert ctx.principal is not None
     reason = break_glass.requested(ctx.principal, request.headers.get("x-break-glass-reason"))
-    btg: break_glass.Session | None
+    btg: break_glass.Session | None = None
     async with b.session(ctx, write=reason is not None) as repo:
         bundle_ = await patient_summary(repo, ctx.base, patient_id, encounters)  # 404 before any glass breaks
+        others = await linked_records(repo, ctx, patient_id)
         if reason is not None:
             btg = await break_glass.engage(
                 repo, ctx.principal, patient_id, reason, b.settings.btg_minutes, b.settings.btg_roles
             )
-        else:
+        elif others:  # an open session matters only where there is something to share
             btg = await break_glass.open_session(repo, ctx.principal, patient_id)
-    bundle_["entry"] += await linked_summary_entries(b, ctx, patient_id, encounters, btg)
+    if others:
+        bundle_["entry"] += await linked_summary_entries(b, ctx, others, encounters, btg)
     if btg is not None:
         bundle_["meta"] = {"security": [break_glass.LABEL]}
     return http.render(Result(200, bundle_))

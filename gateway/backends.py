@@ -30,6 +30,7 @@ from subgraphs.store.repository import ResourceRepository
 
 from .context import RequestContext
 from .security.audit import AccessAudit, persist
+from .security.audit_writer import AuditWriter
 from .security.tokens import TokenVerifier
 from .settings import Settings
 
@@ -48,6 +49,7 @@ class Backends:
     _relay_db: Database | None = None
     _relay_task: asyncio.Task[None] | None = None
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _audit_writer: AuditWriter | None = None
 
     @asynccontextmanager
     async def repository(
@@ -73,11 +75,12 @@ class Backends:
                     await persist(repo, ctx.audit)
 
     async def record_access(self, audit: AccessAudit) -> None:
-        """Persist ``audit`` in its own transaction unless it already went out with a write."""
+        """Persist ``audit`` (group-committed with concurrent ones) unless it already went out with a write."""
         if audit.recorded or audit.facility is None:
             return
-        async with self.repository(audit.facility, write=True) as repo:
-            await persist(repo, audit)
+        if self._audit_writer is None:
+            self._audit_writer = AuditWriter(lambda facility: self.repository(facility, write=True))
+        await self._audit_writer.record(audit)
 
     async def close(self) -> None:
         self._stop.set()

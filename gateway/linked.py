@@ -42,14 +42,22 @@ async def _consents(repo: ResourceRepository, patient_id: str) -> list[dict[str,
     return [r.json() for r in (await internal.search(query)).resources]
 
 
-async def linked_summary_entries(
-    backends: Backends, ctx: RequestContext, patient_id: str, encounters: int, btg: Session | None
-) -> list[dict[str, Any]]:
+async def linked_records(repo: ResourceRepository, ctx: RequestContext, patient_id: str) -> list[tuple[str, str]]:
+    """``(facility, patient id)`` of the person's records elsewhere, if this caller may have them."""
     if ctx.principal is None or any(g.groups is not None for g in ctx.policy.grants.values()):
         return []
-    async with backends.repository(ctx.facility, write=False) as repo:
-        keys = await links.keys_for(repo.conn, ctx.facility, patient_id)
-        others = [(f, p) for f, p in await links.linked(repo.conn, keys) if f != ctx.facility]
+    return [(f, p) for f, p in await links.linked_to(repo.conn, ctx.facility, patient_id) if f != ctx.facility]
+
+
+async def linked_summary_entries(
+    backends: Backends,
+    ctx: RequestContext,
+    others: list[tuple[str, str]],
+    encounters: int,
+    btg: Session | None,
+) -> list[dict[str, Any]]:
+    """Summary entries from ``others`` (see :func:`linked_records`) that may be shared (module doc)."""
+    assert ctx.principal is not None
     purpose = ctx.principal.purpose_of_use if ctx.principal.purpose_of_use not in (None, "BTG") else TREATMENT
     now = datetime.now(UTC)
     out: list[dict[str, Any]] = []

@@ -62,4 +62,7 @@ async def summary_parts(repo: ResourceRepository, patient_id: str, encounters: i
             parts += await _search(repo, resource_type, pairs, count)
     if allowed("Observation", "s"):
         parts += await repo.latest_per_code("Observation", patient_id, SUMMARY_CATEGORIES)
+    compartment = {(r.type, r.id) for r in parts}  # all of it is this patient's: no lookup for the audit
+    repo.touched[:] = [t for t in repo.touched if t not in compartment]
+    repo.patients.add(patient_id)
     return parts

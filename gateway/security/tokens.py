@@ -33,6 +33,7 @@ from .scopes import Scope, parse_scopes
 
 ASYMMETRIC = {"RS256": "RSA", "ES256": "EC:P-256", "ES384": "EC:P-384"}
 LEEWAY = 30
+CACHE_SIZE = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +59,7 @@ def unauthorized(reason: str) -> FhirError:
 class TokenVerifier:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._cache: dict[str, tuple[Principal, float]] = {}
         self._jwks: PyJWKSet | None = None
         self._jwks_client: jwt.PyJWKClient | None = None
         if settings.jwks.startswith("https://") or settings.jwks.startswith("http://"):
@@ -93,6 +95,22 @@ class TokenVerifier:
         return jwk.key
 
     def verify(self, token: str) -> Principal:
+        """The token's principal (see the module contract). Verified tokens are remembered until
+        they expire (at most :data:`CACHE_SIZE`), so a client reusing its token is not re-verified
+        on every request; expiry is still checked on every use."""
+        cached = self._cache.get(token)
+        if cached is not None:
+            principal, expires = cached
+            if time.time() < expires + LEEWAY:
+                return principal
+            del self._cache[token]
+        principal, expires = self._verify(token)
+        if len(self._cache) >= CACHE_SIZE:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[token] = (principal, expires)
+        return principal
+
+    def _verify(self, token: str) -> tuple[Principal, float]:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -118,7 +136,7 @@ class TokenVerifier:
             raise unauthorized("wrong issuer") from None
         except jwt.PyJWTError as exc:
             raise unauthorized(type(exc).__name__) from None
-        return principal_from_claims(claims)
+        return principal_from_claims(claims), float(claims["exp"])
 
 
 def _curve(jwk: PyJWK) -> str:
