@@ -21,6 +21,7 @@ from fhir_rest.routes import routes as fhir_routes
 from subgraphs.store.errors import FhirError
 
 from .backends import open_backends
+from .security.smart import smart_configuration_route
 from .settings import Settings
 
 Startup = Callable[[Starlette], Awaitable[None]]
@@ -42,7 +43,12 @@ def create_app(settings: Settings, *, on_startup: Startup | None = None) -> Star
             await app.state.backends.close()
 
     app = Starlette(
-        routes=[Route("/healthz", healthz, methods=["GET"]), Mount("/fhir/r5", routes=fhir_routes())],
+        routes=[
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/.well-known/smart-configuration", smart_configuration_route, methods=["GET"]),
+            Route("/fhir/r5/.well-known/smart-configuration", smart_configuration_route, methods=["GET"]),
+            Mount("/fhir/r5", routes=fhir_routes()),
+        ],
         exception_handlers={FhirError: render_error, HTTPException: render_http, Exception: render_unexpected},
         lifespan=lifespan,
     )

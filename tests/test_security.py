@@ -308,3 +308,11 @@ async def test_bundle_entries_are_checked_one_by_one(app: Starlette, client: htt
         assert_outcome(await c.post("/", json=transaction), 403, "forbidden")
     count = (await client.get("/Observation", params={"patient": pid, "_summary": "count"})).json()["total"]
     assert count == 1, "the refused transaction wrote nothing"
+
+
+async def test_smart_configuration(app: Starlette) -> None:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        for path in ("/.well-known/smart-configuration", "/fhir/r5/.well-known/smart-configuration"):
+            doc = (await c.get(path)).json()
+            assert doc["issuer"] == app.state.backends.settings.jwt_issuer
+            assert {"permission-v2", "permission-v1", "permission-patient"} <= set(doc["capabilities"])
