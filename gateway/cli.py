@@ -329,12 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
     btg_review.add_argument("--data-dir", default=None)
     btg_review.set_defaults(func=cmd_btg, open=False)
 
+    from streams.cli import add_streams_parser
     from subgraphs.cli import add_subgraph_parser
 
     from .bench import add_bench_parser
 
     add_subgraph_parser(sub)
     add_bench_parser(sub)
+    add_streams_parser(sub)
 
     migrate = sub.add_parser("migrate", help="create or upgrade the database schema")
     migrate.set_defaults(func=cmd_migrate)

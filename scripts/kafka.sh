@@ -11,7 +11,27 @@
 # topics, default 3 so per-key ordering is exercised), KAFKA_START_TIMEOUT (seconds, default 90),
 # JAVA (the java binary, default `java`).
 # On failure the broker log tail goes to stderr and the exit status is non-zero.
+#
+# Crash tests: `scripts/kafka.sh kill DIR` kills the broker with SIGKILL and keeps DIR (its data);
+# `scripts/kafka.sh start-again DIR` starts that broker again on the same port with the same data
+# (no formatting), waits until it is ready and prints `BOOTSTRAP DIR` like a first start.
 set -euo pipefail
+
+if [ "${1:-}" = "kill" ]; then
+  dir="${2:?usage: kafka.sh kill DIR}"
+  if [ -f "$dir/broker.pid" ]; then
+    pid=$(cat "$dir/broker.pid")
+    kill -KILL "$pid" 2>/dev/null || true
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+  fi
+  exit 0
+fi
+
+again=""
+if [ "${1:-}" = "start-again" ]; then
+  again="${2:?usage: kafka.sh start-again DIR}"
+  [ -f "$again/server.properties" ] || { echo "$again has no server.properties" >&2; exit 1; }
+fi
 
 if [ "${1:-}" = "stop" ]; then
   dir="${2:?usage: kafka.sh stop DIR}"
@@ -94,6 +114,10 @@ fi
 
 # ---------------------------------------------------------------- config
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'; }
+if [ -n "$again" ]; then
+  dir="$again"
+  port=$(sed -n 's|^listeners=PLAINTEXT://127.0.0.1:\([0-9]*\),.*|\1|p' "$dir/server.properties")
+else
 port=$(free_port)
 cport=$(free_port)
 while [ "$cport" = "$port" ]; do cport=$(free_port); done
@@ -143,6 +167,8 @@ logger.request.name = kafka.request.logger
 logger.request.level = warn
 EOF
 
+fi
+
 classpath="$cache/libs/*"
 jvm=("$java_bin" -Xms128m -Xmx512m -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true
   "-Dlog4j2.configurationFile=$dir/log4j2.properties" -cp "$classpath")
@@ -151,11 +177,12 @@ fail() {
   echo "$1" >&2
   [ -f "$dir/broker.log" ] && tail -n 60 "$dir/broker.log" >&2
   [ -f "$dir/broker.pid" ] && kill -KILL "$(cat "$dir/broker.pid")" 2>/dev/null || true
-  rm -rf "$dir"
+  [ -n "$again" ] || rm -rf "$dir"
   exit 1
 }
 
 # A KRaft cluster id is 16 random bytes, base64url without padding.
+if [ -z "$again" ]; then
 cluster_id=$(python3 -c 'import base64, uuid
 while True:
     c = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
@@ -164,9 +191,10 @@ while True:
 print(c)')
 "${jvm[@]}" kafka.tools.StorageTool format --standalone -t "$cluster_id" -c "$dir/server.properties" \
   >"$dir/format.log" 2>&1 || { cat "$dir/format.log" >&2; fail "formatting the KRaft store failed"; }
+fi
 
 # ---------------------------------------------------------------- start and wait
-setsid nohup "${jvm[@]}" kafka.Kafka "$dir/server.properties" >"$dir/broker.log" 2>&1 </dev/null &
+setsid nohup "${jvm[@]}" kafka.Kafka "$dir/server.properties" >>"$dir/broker.log" 2>&1 </dev/null &
 echo $! >"$dir/broker.pid"
 
 # Ready = a Metadata v4 request (the oldest version Kafka 4 still serves) lists this broker.

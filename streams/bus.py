@@ -14,8 +14,9 @@ Contract (:class:`Bus`):
   :data:`streams.events.TOPIC_PREFIX`) matches every topic that starts with it. Subscribe before
   :meth:`start`. Handlers of one subscription see events in publish order per key.
 * A handler that raises (or exceeds the handler timeout) never stops delivery to the others or
-  the following events: the error is logged and recorded in ``bus.failures`` (the dead-letter
-  topic of a later slice replaces the record); nothing is dropped silently.
+  the following events: the error is logged and recorded in ``bus.failures``; nothing is dropped
+  silently. (The stream worker, :mod:`streams.worker`, retries and then sends such records to the
+  ``unihealth.dead-letter`` topic instead: :mod:`streams.processing`.)
 * ``start()`` / ``stop()`` open and close connections; every wait is bounded by a timeout.
 
 :class:`InProcessBus` is the embedded default (no broker: publishing runs the handlers inline);

@@ -109,6 +109,8 @@ class Relay:
         """Rows this relay has published and marked (a counter for metrics and tests)."""
         self.held_back = 0
         """Claimed rows left for a later drain because an older row of their key was elsewhere."""
+        self.failed_drains = 0
+        """Drains of :meth:`run` that failed (publish or database error) and were retried."""
         self._lock = asyncio.Lock()
         self._wakeup = asyncio.Event()
 
@@ -143,6 +145,7 @@ class Relay:
                 failures = 0
             except Exception:
                 failures += 1
+                self.failed_drains += 1
                 delay = min(self.max_backoff, poll_interval * 2**failures)
                 log.exception("outbox relay: publishing failed (%d in a row); retrying in %.2f s", failures, delay)
             if delay > 0:

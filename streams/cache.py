@@ -1,0 +1,224 @@
+"""The cache contract, an in-process LRU+TTL cache and a Redis cache.
+
+Keys (:func:`check_key`): ``<facility>|<segment>|<segment>...`` — the facility always comes first,
+so no entry can be shared by two facilities and invalidation can never reach across them. Segments
+are separated by ``|`` and may not contain it; the facility may not contain ``{`` or ``}`` (it is
+the Redis hash tag). The key builders the invalidation agent relies on are in
+:mod:`streams.invalidation`: ``f|Type|id``, ``f|summary|patient``, ``f|graphql|patient|...``,
+``f|search|Type|...``.
+
+Contract (:class:`Cache`):
+
+* ``get(key)`` → the bytes stored by the last ``set`` of ``key`` that has not expired or been
+  deleted, else None. ``set(key, value, ttl)`` stores ``value`` for ``ttl`` seconds (> 0).
+* ``delete(*keys)`` removes those entries; ``delete_prefix(prefix)`` removes every entry whose key
+  starts with ``prefix``, where ``prefix`` is ``<facility>|`` followed by zero or more *whole*
+  segments, each ending in ``|`` (``f|search|Observation|``). Both return how many live entries
+  they removed (Redis: how many keys existed).
+* Every call is bounded (Redis: the client's socket timeouts); errors propagate to the caller
+  (the invalidation agent retries, then dead-letters).
+
+How ``delete_prefix`` stays cheap (both implementations): every ``set`` also records the key in
+one *tag set* per ancestor prefix of the key (``f|``, ``f|graphql|``, ``f|graphql|p1|`` for
+``f|graphql|p1|q``; keys are a few segments deep). ``delete_prefix`` then deletes exactly the
+members of one tag set: one round trip and O(entries removed), never a SCAN of the key space. In
+Redis the value, its tag-set entries and their expiry are written by one Lua script, and the
+deletion of a tag set with its members by another, so each is atomic. A tag set may keep names of
+entries that already expired or were deleted through another tag; deleting a missing key is a
+no-op, and each tag set expires with the longest-lived entry added to it, so they stay bounded by
+what was cached within one TTL. (The alternative, a version counter per prefix, makes invalidation
+a single ``INCR`` but costs every ``get`` a second lookup and leaves dead entries in memory until
+their TTL; deleting is cheap enough here because one change touches a handful of tags.)
+
+Races: a reader that computed a value *before* a change and stores it *after* the change's
+invalidation leaves a stale entry until its TTL. Callers that cache must keep TTLs short or check
+the resource version they cached against the store (the federation work decides).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Any, Protocol
+
+SEP = "|"
+
+
+class Cache(Protocol):
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def set(self, key: str, value: bytes, ttl: float) -> None: ...
+
+    async def delete(self, *keys: str) -> int: ...
+
+    async def delete_prefix(self, prefix: str) -> int: ...
+
+    async def close(self) -> None: ...
+
+
+def check_key(key: str) -> str:
+    """``key`` if it is ``facility|segment...`` with a non-empty facility; else ValueError."""
+    facility, sep, rest = key.partition(SEP)
+    if not facility or not sep or not rest or "{" in facility or "}" in facility:
+        raise ValueError(f"a cache key is 'facility|...' with a facility first: {key[:120]!r}")
+    return key
+
+
+def check_prefix(prefix: str) -> str:
+    """``prefix`` if it is ``facility|`` plus whole segments, each ending in ``|``; else ValueError."""
+    facility = prefix.partition(SEP)[0]
+    if not prefix.endswith(SEP) or not facility or "{" in facility or "}" in facility or SEP + SEP in prefix:
+        raise ValueError(f"a cache prefix is 'facility|' plus whole segments ending in '|': {prefix[:120]!r}")
+    return prefix
+
+
+def ancestors(key: str) -> list[str]:
+    """The prefixes ``delete_prefix`` may name that cover ``key``: ``f|``, ``f|a|``, ``f|a|b|``..."""
+    parts = key.split(SEP)
+    return [SEP.join(parts[: i + 1]) + SEP for i in range(len(parts) - 1)]
+
+
+def _check_ttl(ttl: float) -> float:
+    if not ttl > 0:
+        raise ValueError("ttl must be a positive number of seconds")
+    return ttl
+
+
+class MemoryCache:
+    """An in-process cache: LRU beyond ``max_entries``, per-entry TTL, tag sets for prefixes.
+
+    Not shared between processes: the embedded profile's edge and its in-process bus use one.
+    """
+
+    def __init__(self, max_entries: int = 10_000, *, clock: Any = time.monotonic) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self.max_entries = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._tags: dict[str, set[str]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def get(self, key: str) -> bytes | None:
+        entry = self._entries.get(check_key(key))
+        if entry is None:
+            return None
+        if entry[0] <= self._clock():
+            self._forget(key)
+            return None
+        self._entries.move_to_end(key)
+        return entry[1]
+
+    async def set(self, key: str, value: bytes, ttl: float) -> None:
+        check_key(key)
+        expires = self._clock() + _check_ttl(ttl)
+        if key in self._entries:
+            self._entries.move_to_end(key)
+        self._entries[key] = (expires, bytes(value))
+        for tag in ancestors(key):
+            self._tags.setdefault(tag, set()).add(key)
+        while len(self._entries) > self.max_entries:
+            self._forget(next(iter(self._entries)))
+
+    async def delete(self, *keys: str) -> int:
+        now = self._clock()
+        removed = 0
+        for key in keys:
+            entry = self._entries.get(check_key(key))
+            if entry is not None:
+                removed += entry[0] > now
+                self._forget(key)
+        return removed
+
+    async def delete_prefix(self, prefix: str) -> int:
+        members = self._tags.pop(check_prefix(prefix), set())
+        return await self.delete(*members)
+
+    async def close(self) -> None:
+        self._entries.clear()
+        self._tags.clear()
+
+    def _forget(self, key: str) -> None:
+        self._entries.pop(key, None)
+        for tag in ancestors(key):
+            members = self._tags.get(tag)
+            if members is not None:
+                members.discard(key)
+                if not members:
+                    del self._tags[tag]
+
+
+_SET = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local ttl = tonumber(ARGV[2])
+for i = 2, #KEYS do
+  redis.call('SADD', KEYS[i], KEYS[1])
+  if redis.call('PTTL', KEYS[i]) < ttl then
+    redis.call('PEXPIRE', KEYS[i], ttl)
+  end
+end
+return 1
+"""
+
+_DELETE_TAG = """
+local members = redis.call('SMEMBERS', KEYS[1])
+local removed = 0
+for i = 1, #members, 500 do
+  removed = removed + redis.call('UNLINK', unpack(members, i, math.min(i + 499, #members)))
+end
+redis.call('UNLINK', KEYS[1])
+return removed
+"""
+
+
+class RedisCache:
+    """The shared cache on Redis (redis-py asyncio), for every edge and worker process.
+
+    Layout: entry ``<ns>{<facility>}:c:<rest of key>``, tag set ``<ns>{<facility>}:t:<prefix>``.
+    The facility is the hash tag, so one facility's entries and tags share a Redis Cluster slot
+    and the Lua scripts stay single-slot. Values are stored as given (bytes).
+    """
+
+    def __init__(self, client: Any, *, namespace: str = "uh:") -> None:
+        self.client = client
+        self.namespace = namespace
+        self._set = client.register_script(_SET)
+        self._delete_tag = client.register_script(_DELETE_TAG)
+
+    @classmethod
+    def from_url(cls, url: str, *, timeout: float = 5.0, namespace: str = "uh:") -> RedisCache:
+        """A cache on the Redis at ``url``; connects lazily, every call bounded by ``timeout``."""
+        import redis.asyncio as aioredis
+
+        client = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        return cls(client, namespace=namespace)
+
+    def _entry(self, key: str) -> str:
+        facility, _, rest = check_key(key).partition(SEP)
+        return f"{self.namespace}{{{facility}}}:c:{rest}"
+
+    def _tag(self, prefix: str) -> str:
+        facility, _, rest = prefix.partition(SEP)
+        return f"{self.namespace}{{{facility}}}:t:{rest}"
+
+    async def get(self, key: str) -> bytes | None:
+        value = await self.client.get(self._entry(key))
+        return None if value is None else bytes(value)
+
+    async def set(self, key: str, value: bytes, ttl: float) -> None:
+        millis = max(1, int(_check_ttl(ttl) * 1000))
+        keys = [self._entry(key), *(self._tag(p) for p in ancestors(key))]
+        await self._set(keys=keys, args=[bytes(value), millis])
+
+    async def delete(self, *keys: str) -> int:
+        if not keys:
+            return 0
+        return int(await self.client.unlink(*(self._entry(k) for k in keys)))
+
+    async def delete_prefix(self, prefix: str) -> int:
+        return int(await self._delete_tag(keys=[self._tag(check_prefix(prefix))]))
+
+    async def close(self) -> None:
+        await self.client.aclose()

@@ -1,0 +1,152 @@
+"""The outbox relay as its own process: ``unihealth streams relay``.
+
+Contract:
+
+* Settings come from :func:`gateway.settings.load_settings` (``UNIHEALTH_*``). The database is
+  ``UNIHEALTH_RELAY_DATABASE_URL`` if set, else ``UNIHEALTH_DATABASE_URL`` (on PostgreSQL it must be
+  a role in ``unihealth_relay``, which sees every facility's outbox). The bus is Kafka
+  (``UNIHEALTH_BUS=kafka``, ``UNIHEALTH_KAFKA_BOOTSTRAP``): a relay process with an in-process bus
+  would publish to nobody, so that is refused.
+* It runs :meth:`streams.relay.Relay.run` (at-least-once, per-key order; several relay processes
+  may run at once on PostgreSQL) until SIGTERM or SIGINT, then lets the current drain finish
+  (bounded by ``shutdown_timeout``), flushes the producer and exits 0. An unreachable broker at
+  start is retried with backoff, as are failed drains.
+* With ``metrics_port`` it serves ``/healthz`` (200 while the relay loop runs) and ``/metrics``:
+  ``unihealth_outbox_unpublished`` (rows), ``unihealth_outbox_oldest_unpublished_age_seconds``,
+  ``unihealth_relay_published_total``, ``unihealth_relay_held_back_total`` and
+  ``unihealth_relay_failed_drains_total``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from sqlalchemy import func, select
+
+from subgraphs.store.database import Database, open_database
+from subgraphs.store.dates import as_utc
+from subgraphs.store.schema import outbox
+
+from . import metrics
+from .bus import KafkaBus
+from .relay import Relay, wait_stopped
+
+if TYPE_CHECKING:
+    from gateway.settings import Settings
+
+log = logging.getLogger("unihealth.relay")
+
+
+@dataclass(frozen=True, slots=True)
+class RelayOptions:
+    poll_interval: float = 0.02
+    batch: int = 500
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
+    shutdown_timeout: float = 30.0
+    connect_backoff: float = 5.0
+
+
+def relay_database_url(settings: Settings) -> str:
+    """``UNIHEALTH_RELAY_DATABASE_URL`` if set, else ``UNIHEALTH_DATABASE_URL``."""
+    return settings.relay_database_url or settings.database_url
+
+
+async def outbox_lag(db: Database) -> tuple[int, float]:
+    """(unpublished rows, age in seconds of the oldest one — 0 when none)."""
+    async with db.transaction(write=False) as conn:
+        pending = outbox.c.published_at.is_(None)
+        count = int((await conn.execute(select(func.count()).select_from(outbox).where(pending))).scalar_one())
+        oldest = (
+            await conn.execute(select(outbox.c.occurred_at).where(pending).order_by(outbox.c.seq).limit(1))
+        ).scalar_one_or_none()
+    age = 0.0 if oldest is None else max(0.0, (datetime.now(UTC) - as_utc(oldest)).total_seconds())
+    return count, age
+
+
+def relay_metrics(relay: Relay, count: int, age: float) -> list[metrics.Metric]:
+    return [
+        metrics.Metric("unihealth_outbox_unpublished", "gauge", "outbox rows not yet published").add(count),
+        metrics.Metric(
+            "unihealth_outbox_oldest_unpublished_age_seconds", "gauge", "age of the oldest unpublished outbox row"
+        ).add(age),
+        metrics.Metric("unihealth_relay_published_total", "counter", "outbox rows published and marked").add(
+            relay.published
+        ),
+        metrics.Metric(
+            "unihealth_relay_held_back_total", "counter", "claimed rows left for later behind an older row of their key"
+        ).add(relay.held_back),
+        metrics.Metric("unihealth_relay_failed_drains_total", "counter", "drains that failed and were retried").add(
+            relay.failed_drains
+        ),
+    ]
+
+
+async def _start_bus(bootstrap: str, stop: asyncio.Event, backoff: float) -> KafkaBus | None:
+    """A started KafkaBus, retrying while the broker is unreachable; None if ``stop`` was set first."""
+    while not stop.is_set():
+        bus = KafkaBus(bootstrap, client_id="unihealth-relay", connect_timeout=10.0)
+        try:
+            await bus.start()
+            return bus
+        except Exception as exc:
+            log.warning("relay: Kafka at %s is not reachable (%r); retrying in %.0f s", bootstrap, exc, backoff)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=backoff)
+    return None
+
+
+async def run_relay(settings: Settings, options: RelayOptions, stop: asyncio.Event) -> None:
+    """Relay until ``stop`` is set (see the module docstring); returns after a clean shutdown."""
+    if settings.bus != "kafka" or not settings.kafka_bootstrap:
+        raise ValueError("the relay process publishes to Kafka: set UNIHEALTH_BUS=kafka and UNIHEALTH_KAFKA_BOOTSTRAP")
+    db = open_database(relay_database_url(settings), pool_size=2)
+    server: asyncio.Server | None = None
+    bus: KafkaBus | None = None
+    try:
+        bus = await _start_bus(settings.kafka_bootstrap, stop, options.connect_backoff)
+        if bus is None:
+            return
+        relay = Relay(db, bus)
+        task = asyncio.create_task(
+            relay.run(stop_event=stop, poll_interval=options.poll_interval, limit=options.batch), name="relay"
+        )
+        if options.metrics_port is not None:
+
+            async def collect() -> list[metrics.Metric]:
+                count, age = await outbox_lag(db)
+                return relay_metrics(relay, count, age)
+
+            server = await metrics.serve(options.metrics_host, options.metrics_port, collect, lambda: not task.done())
+            log.info("relay: metrics on http://%s:%d/metrics", options.metrics_host, metrics.bound_port(server))
+        log.info("relay: publishing the outbox of %s to Kafka at %s", db.dialect, settings.kafka_bootstrap)
+        started = time.monotonic()
+        await stop.wait()
+        await wait_stopped(task, options.shutdown_timeout)
+        log.info("relay: stopped after %.1f s; %d rows published", time.monotonic() - started, relay.published)
+    finally:
+        if server is not None:
+            server.close()
+        if bus is not None:
+            await bus.stop()
+        await db.dispose()
+
+
+def main(settings: Settings, options: RelayOptions) -> None:
+    """Run the relay in this process until SIGTERM/SIGINT (blocking)."""
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run_relay(settings, options, stop)
+
+    asyncio.run(run())
