@@ -1,26 +1,48 @@
 """The CapabilityStatement, generated from what this server really supports.
 
 Contract: every resource type in :data:`SUPPORTED_TYPES` is listed with the interactions the routes
-implement and exactly the search parameters the store indexes (:data:`PARAMS`), so the statement
-cannot drift from the code.
+implement, exactly the search parameters the search engine handles (from the registry generated
+from the official R5 definitions: :func:`subgraphs.store.search.supported_params`) with their types
+and definitions, the ``_include``/``_revinclude`` values it accepts, and ``$everything`` on Patient,
+so the statement cannot drift from the code.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from subgraphs.store.params import PARAMS
+from subgraphs.store.search import supported_params
 from subgraphs.store.validation import SUPPORTED_TYPES
 
 INTERACTIONS = ("read", "vread", "update", "delete", "history-instance", "history-type", "create", "search-type")
-_TYPE_MAP = {"token": "token", "reference": "reference", "date": "date", "string": "string"}
+EVERYTHING = "http://hl7.org/fhir/OperationDefinition/Patient-everything"
+
+
+def _search_params(resource_type: str) -> list[dict[str, Any]]:
+    out = []
+    for p in supported_params(resource_type):
+        entry: dict[str, Any] = {"name": p.code, "type": p.type}
+        if p.url:
+            entry["definition"] = p.url
+        out.append(entry)
+    return out
+
+
+def _includes(resource_type: str) -> tuple[list[str], list[str]]:
+    include = [f"{resource_type}:{p.code}" for p in supported_params(resource_type) if p.type == "reference"]
+    revinclude = [
+        f"{source}:{p.code}"
+        for source in SUPPORTED_TYPES
+        for p in supported_params(source)
+        if p.type == "reference" and (not p.targets or resource_type in p.targets) and not p.code.startswith("_")
+    ]
+    return ["*", *include], sorted(revinclude)
 
 
 def capability_statement(base: str, version: str) -> dict[str, Any]:
     resources = []
     for resource_type in SUPPORTED_TYPES:
-        params = [{"name": "_id", "type": "token"}, {"name": "_lastUpdated", "type": "date"}]
-        params += [{"name": p.name, "type": _TYPE_MAP[p.kind]} for p in PARAMS.get(resource_type, ())]
+        include, revinclude = _includes(resource_type)
         entry: dict[str, Any] = {
             "type": resource_type,
             "interaction": [{"code": code} for code in INTERACTIONS],
@@ -30,8 +52,12 @@ def capability_statement(base: str, version: str) -> dict[str, Any]:
             "conditionalCreate": True,
             "conditionalUpdate": True,
             "conditionalDelete": "not-supported",
-            "searchParam": params,
+            "searchInclude": include,
+            "searchRevInclude": revinclude,
+            "searchParam": _search_params(resource_type),
         }
+        if resource_type == "Patient":
+            entry["operation"] = [{"name": "everything", "definition": EVERYTHING}]
         resources.append(entry)
     return {
         "resourceType": "CapabilityStatement",

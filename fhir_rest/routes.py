@@ -22,7 +22,7 @@ from . import http
 from .auditing import audited
 from .capability import capability_statement
 from .interactions import bundle, crud
-from .interactions.search import history, search
+from .interactions.search import everything, history, search
 from .outcome import FHIR_JSON
 from .results import Result
 
@@ -154,6 +154,26 @@ async def system(request: Request) -> Response:
     return http.render(result)
 
 
+@audited("operation")
+async def patient_everything(request: Request) -> Response:
+    """``GET /Patient/{id}/$everything``: the Patient compartment (``_since``, ``_type``, ``_count``, paging)."""
+    ctx = http.context(request)
+    patient_id = check_id(request.path_params["id"])
+    b = http.backends(request)
+    async with b.session(ctx, write=False) as repo:
+        result = await everything(
+            ctx,
+            repo,
+            b.settings.secret_key,
+            patient_id,
+            _pairs(request),
+            f"{ctx.base}/Patient/{patient_id}/$everything",
+            b.settings.default_page_size,
+            b.settings.max_page_size,
+        )
+    return http.render(result)
+
+
 def _encounters(request: Request) -> int:
     raw = request.query_params.get("encounters", "5")
     if not raw.isdigit() or not 1 <= int(raw) <= 50:
@@ -218,6 +238,7 @@ def routes() -> list[Route]:
         Route("/", system, methods=["POST"]),
         Route("/_history", history_route, methods=["GET"]),
         Route("/Patient/{id}/summary", summary, methods=["GET"]),
+        Route("/Patient/{id}/$everything", patient_everything, methods=["GET"]),
         Route("/Patient/{id}/observations", patient_list, methods=["GET"]),
         Route("/Patient/{id}/medication-requests", patient_list, methods=["GET"]),
         Route("/{type}/_history", history_route, methods=["GET"]),

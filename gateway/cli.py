@@ -244,6 +244,33 @@ def cmd_btg(args: argparse.Namespace) -> None:
         sys.exit(f"unihealth btg: {exc.diagnostics}")
 
 
+def cmd_reindex(args: argparse.Namespace) -> None:
+    """Re-extract the search index of stored resources (after new search parameters)."""
+    from subgraphs.store import engine
+
+    from .backends import open_backends
+
+    settings = _settings(**({"data_dir": args.data_dir} if args.data_dir else {}))
+
+    async def run() -> int:
+        backends = await open_backends(settings)
+        total = 0
+        try:
+            for facility in args.facility:
+                after = None
+                while True:  # bounded transactions
+                    async with backends.repository(facility, write=True) as repo:
+                        count, after = await engine.reindex_step(repo, args.type, after=after, limit=500)
+                    total += count
+                    if after is None:
+                        break
+        finally:
+            await backends.close()
+        return total
+
+    print(f"reindexed {asyncio.run(run())} resources")
+
+
 def cmd_migrate(args: argparse.Namespace) -> None:
     from .backends import open_backends
 
@@ -337,6 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_subgraph_parser(sub)
     add_bench_parser(sub)
     add_streams_parser(sub)
+
+    reindex = sub.add_parser("reindex", help="re-extract the search index of stored resources")
+    reindex.add_argument("--facility", action="append", required=True, help="repeat for several facilities")
+    reindex.add_argument("--type", default=None, help="only this resource type")
+    reindex.add_argument("--data-dir", default=None)
+    reindex.set_defaults(func=cmd_reindex)
 
     migrate = sub.add_parser("migrate", help="create or upgrade the database schema")
     migrate.set_defaults(func=cmd_migrate)

@@ -16,6 +16,13 @@ stable order, trailing newline):
 * ``types``: for each in-scope resource type (``subgraphs.store.validation.SUPPORTED_TYPES``), every
   parameter whose base includes it, with the expression restricted to that type's union branches.
 
+* ``compartments``: the R5 Patient compartment (``CompartmentDefinition-patient.json``): for each
+  in-scope type in it, the parameters that put a resource in a patient's compartment (``{def}``
+  stands for the Patient itself). Types outside the compartment are left out.
+* ``elements``: per in-scope type, from its ``StructureDefinition`` snapshot, the top-level element
+  names (choice elements keep ``[x]``): ``all``, ``summary`` (``isSummary``) and ``mandatory``
+  (``min >= 1``) — for ``_summary`` and ``_elements``.
+
 Only the package's own 5.0.0 definitions are used: the example SearchParameters it also ships
 (``example``, ``example-reference``, ``filter``..., whose ``version`` is not ``5.0.0``) are skipped.
 ``--check`` exits 1 when the committed file differs from what would be generated.
@@ -92,6 +99,42 @@ def search_parameters(tgz: Path) -> Iterator[dict[str, Any]]:
                         yield resource
 
 
+def _package_json(tgz: Path, name: str) -> dict[str, Any]:
+    """One JSON file of the package (``package/<name>``)."""
+    with tarfile.open(tgz) as tar:
+        fh = tar.extractfile(f"package/{name}")
+        assert fh is not None, name
+        data: dict[str, Any] = json.loads(fh.read())
+        return data
+
+
+def patient_compartment(tgz: Path, types: tuple[str, ...]) -> dict[str, list[str]]:
+    """Type → the parameters linking it to the patient, for the in-scope types in the compartment."""
+    definition = _package_json(tgz, "CompartmentDefinition-patient.json")
+    return {
+        r["code"]: list(r["param"])
+        for r in sorted(definition.get("resource", ()), key=lambda r: r["code"])
+        if r["code"] in types and r.get("param")
+    }
+
+
+def top_level_elements(tgz: Path, resource_type: str) -> dict[str, list[str]]:
+    """The top-level elements of ``resource_type``: all, summary and mandatory ones (document order)."""
+    definition = _package_json(tgz, f"StructureDefinition-{resource_type}.json")
+    out: dict[str, list[str]] = {"all": [], "summary": [], "mandatory": []}
+    for element in definition["snapshot"]["element"]:
+        path = element["path"].split(".")
+        if len(path) != 2:
+            continue
+        name = path[1]
+        out["all"].append(name)
+        if element.get("isSummary"):
+            out["summary"].append(name)
+        if element.get("min", 0) >= 1:
+            out["mandatory"].append(name)
+    return out
+
+
 def _entry(sp: dict[str, Any], expression: str | None, base: list[str], by_url: dict[str, Any]) -> dict[str, Any]:
     """The compact registry entry of one definition (empty/default fields left out)."""
     ptype = sp["type"]
@@ -159,6 +202,8 @@ def build_registry(tgz: Path, types: tuple[str, ...] = SUPPORTED_TYPES) -> dict[
         "generator": "scripts/generate_search_registry.py",
         "common": common,
         "types": per_type,
+        "compartments": {"Patient": patient_compartment(tgz, tuple(sorted(types)))},
+        "elements": {t: top_level_elements(tgz, t) for t in sorted(types)},
     }
 
 
@@ -185,6 +230,10 @@ def render(document: dict[str, Any]) -> str:
                 out.append(f" {_line(rtype)}:{{")
                 out.extend(_params(value[rtype], "  "))
                 out.append(f" }}{',' if j < len(types) - 1 else ''}")
+            out.append(f"}}{comma}")
+        elif key in ("compartments", "elements"):
+            out.append(f"{_line(key)}:{{")
+            out.extend(_params(value, "  "))  # one compartment / type per line
             out.append(f"}}{comma}")
         else:
             out.append(f"{_line(key)}:{_line(value)}{comma}")

@@ -223,3 +223,17 @@ async def test_post_search_equals_get(client: httpx.AsyncClient) -> None:
     assert_outcome(
         await client.post("/Observation/_search", content=b"<x/>", headers={"Content-Type": "application/xml"}), 415
     )
+
+
+async def test_everything_route(client: httpx.AsyncClient, other_facility: str) -> None:
+    pid, ids = await _patient_with_obs(client)
+    r = await client.get(f"/Patient/{pid}/$everything", params={"_count": 5})
+    assert r.status_code == 200, r.text
+    seen = {e["resource"]["id"] for e in r.json()["entry"]}
+    nxt = _next(r.json())
+    while nxt:
+        page = (await client.get(nxt)).json()
+        seen |= {e["resource"]["id"] for e in page["entry"]}
+        nxt = _next(page)
+    assert {pid, *ids} <= seen
+    assert_outcome(await client.get(f"/Patient/{pid}/$everything", headers={"X-Facility-Id": other_facility}), 404)

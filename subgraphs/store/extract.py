@@ -34,8 +34,10 @@ and returns ``{code: (value, ...)}`` for the parameters that have values (an abs
                     product) of the values of each component evaluated on that item (text-only
                     tokens take no part: composites match codes).
 
-:func:`basic_rows` adapts these values to the foundation's four ``idx_*`` tables until the typed
-tables exist.
+:func:`index_rows` turns these values into the rows of the typed index tables of
+:mod:`.schema` (``idx_token`` ... ``idx_composite``; UCUM quantities also get a row in canonical
+units, :func:`ucum_canonical`); the write path stores them with the resource. :func:`basic_rows`
+is the earlier adapter to the foundation's four tables (kept for comparison tests).
 
 Evaluation
 ----------
@@ -1021,3 +1023,249 @@ def basic_rows(
             if key not in seen:
                 seen.add(key)
                 yield kind, row
+
+
+# ---------------------------------------------------------------------------------------------
+# The typed index tables (subgraphs.store.schema: idx_token ... idx_composite)
+
+#: Parameters served from the ``resources`` table itself, never indexed as rows.
+NOT_INDEXED = frozenset({"_id", "_lastUpdated"})
+UCUM = "http://unitsofmeasure.org"
+#: The system of the extra quantity row holding a UCUM value in canonical units (``mg`` → ``g``):
+#: searches with a UCUM unit compare those rows; sorting ignores them.
+UCUM_CANONICAL = "urn:unihealth:ucum-canonical"
+_URI_COLUMN = 512
+
+
+def _cut(text: str | None, size: int = _COLUMN) -> str | None:
+    return text[:size] if text is not None else None
+
+
+def _norm(text: str | None) -> str | None:
+    return normalize(text)[:_COLUMN] if text else None
+
+
+def point_or_range(value: QuantityValue | NumberValue) -> tuple[Decimal | None, Decimal | None]:
+    """The ``[low, high]`` stored for a quantity or number: a plain value ``v`` is ``[v, v]`` (the
+    search value's precision decides matches, R5 "number"), a comparator opens one side (``<5`` →
+    ``[None, 5]``), a Range keeps its ends."""
+    if isinstance(value, NumberValue):
+        return value.value, value.value
+    if value.value is None:
+        return value.low, value.high
+    if value.low is None:
+        return None, value.value
+    if value.high is None:
+        return value.value, None
+    return value.value, value.value
+
+
+# UCUM canonical units (bonus): a small, exact subset — metric prefixes on g, L, m, s, mol, eq, U,
+# kat, the time units min/h/d/wk and the counting factors 10*n; products with "." and one "/".
+_UCUM_PREFIXES = {
+    "Y": 24, "Z": 21, "E": 18, "P": 15, "T": 12, "G": 9, "M": 6, "k": 3, "h": 2, "da": 1,
+    "d": -1, "c": -2, "m": -3, "u": -6, "n": -9, "p": -12, "f": -15, "a": -18,
+}  # fmt: skip
+_UCUM_ATOMS: dict[str, tuple[Decimal, str]] = {
+    "g": (Decimal(1), "g"),
+    "L": (Decimal(1), "L"),
+    "l": (Decimal(1), "L"),
+    "m": (Decimal(1), "m"),
+    "s": (Decimal(1), "s"),
+    "mol": (Decimal(1), "mol"),
+    "eq": (Decimal(1), "eq"),
+    "U": (Decimal(1), "U"),
+    "kat": (Decimal(1), "kat"),
+    "min": (Decimal(60), "s"),
+    "h": (Decimal(3600), "s"),
+    "d": (Decimal(86400), "s"),
+    "wk": (Decimal(604800), "s"),
+}
+_UCUM_PLAIN = frozenset({"min", "h", "d", "wk"})  # no prefixes on these
+_UCUM_TERM = re.compile(r"^(?:10\*(?P<pow>-?\d{1,2})|(?P<unit>[A-Za-z]+)(?P<exp>-?\d)?)$")
+
+
+@lru_cache(maxsize=1024)
+def ucum_canonical(code: str) -> tuple[Decimal, str] | None:
+    """``(factor, canonical code)`` with ``value_in_code * factor = value_in_canonical``, for the
+    UCUM codes this subset understands (``mg/dL`` → ``(0.01, "g.L-1")``); ``None`` otherwise."""
+    if not code or len(code) > 40 or "(" in code:
+        return None
+    numerator, _, denominator = code.partition("/")
+    if "/" in denominator:
+        return None
+    factor = Decimal(1)
+    dims: dict[str, int] = {}
+    for part, sign in ((numerator, 1), (denominator, -1)):
+        if not part and sign == -1:
+            continue
+        for term in part.split(".") if part else ["1"]:
+            if term == "1":
+                continue
+            m = _UCUM_TERM.match(term)
+            if m is None:
+                return None
+            if m["pow"] is not None:
+                factor *= Decimal(10) ** (sign * int(m["pow"]))
+                continue
+            unit, exp = m["unit"], int(m["exp"] or 1) * sign
+            atom = _ucum_atom(unit)
+            if atom is None:
+                return None
+            scale, base = atom
+            factor *= scale**exp
+            dims[base] = dims.get(base, 0) + exp
+    canonical = ".".join(f"{b}{e if e != 1 else ''}" for b, e in sorted(dims.items()) if e) or "1"
+    return factor, canonical
+
+
+def _ucum_atom(unit: str) -> tuple[Decimal, str] | None:
+    if unit in _UCUM_ATOMS:
+        return _UCUM_ATOMS[unit]
+    for prefix in sorted(_UCUM_PREFIXES, key=len, reverse=True):
+        atom = unit[len(prefix) :]
+        if unit.startswith(prefix) and atom in _UCUM_ATOMS and atom not in _UCUM_PLAIN:
+            scale, base = _UCUM_ATOMS[atom]
+            return scale * Decimal(10) ** _UCUM_PREFIXES[prefix], base
+    return None
+
+
+def _scaled(value: Decimal | None, factor: Decimal) -> Decimal | None:
+    return None if value is None else value * factor
+
+
+def _quantity_rows(code: str, value: QuantityValue) -> Iterator[dict[str, Any]]:
+    low, high = point_or_range(value)
+    yield {
+        "param": code,
+        "system": _cut(value.system),
+        "code": _cut(value.code),
+        "unit": _cut(value.unit),
+        "low": low,
+        "high": high,
+    }
+    if value.system == UCUM and value.code:
+        canonical = ucum_canonical(value.code)
+        if canonical is not None:  # also findable in canonical units (a row of its own, see above)
+            factor, unit = canonical
+            yield {
+                "param": code,
+                "system": UCUM_CANONICAL,
+                "code": unit,
+                "unit": None,
+                "low": _scaled(low, factor),
+                "high": _scaled(high, factor),
+            }
+
+
+_COMPOSITE_EMPTY = {
+    "a_system": None,
+    "a_code": None,
+    "b_system": None,
+    "b_code": None,
+    "b_text": None,
+    "b_low_date": None,
+    "b_high_date": None,
+    "b_low": None,
+    "b_high": None,
+}
+
+
+def composite_row(code: str, value: CompositeValue) -> dict[str, Any] | None:
+    """The ``idx_composite`` row of a two-part composite value (``None`` for other shapes): the first
+    part a token (system, code) or reference (type, id), the second any single-valued kind."""
+    if len(value.components) != 2:
+        return None
+    first, second = value.components
+    row: dict[str, Any] = {"param": code, **_COMPOSITE_EMPTY}
+    if isinstance(first, TokenValue) and first.code is not None:
+        row["a_system"], row["a_code"] = _cut(first.system), _cut(first.code)
+    elif isinstance(first, ReferenceValue) and first.target_id is not None:
+        row["a_system"], row["a_code"] = first.target_type, first.target_id
+    else:
+        return None
+    if isinstance(second, TokenValue):
+        row["b_system"], row["b_code"] = _cut(second.system), _cut(second.code)
+    elif isinstance(second, ReferenceValue):
+        row["b_system"], row["b_code"] = second.target_type, second.target_id
+    elif isinstance(second, QuantityValue | NumberValue):
+        row["b_low"], row["b_high"] = point_or_range(second)
+        if isinstance(second, QuantityValue):
+            row["b_system"], row["b_code"] = _cut(second.system), _cut(second.code)
+    elif isinstance(second, DateValue):
+        row["b_low_date"], row["b_high_date"] = second.low, second.high
+    elif isinstance(second, StringValue):
+        row["b_text"] = _norm(second.normalized)
+    elif isinstance(second, UriValue):
+        row["b_code"] = _cut(second.value)
+    else:
+        return None
+    return row
+
+
+def rows_of(code: str, value: IndexValue) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The index rows (``(table kind, row)``) of one extracted value of parameter ``code``."""
+    if isinstance(value, TokenValue):
+        base = {
+            "param": code,
+            "system": _cut(value.system),
+            "code": _cut(value.code),
+            "text": _norm(value.text),
+        }
+        for type_system, type_code in value.type_codings or ((None, None),):
+            yield "token", {**base, "type_system": _cut(type_system), "type_code": _cut(type_code)}
+    elif isinstance(value, ReferenceValue):
+        yield (
+            "reference",
+            {
+                "param": code,
+                "target_type": value.target_type,
+                "target_id": value.target_id,
+                "version": _cut(value.version, 64),
+                "url": _cut(value.url, _URI_COLUMN),
+                "identifier_system": _cut(value.identifier_system),
+                "identifier_value": _cut(value.identifier_value),
+            },
+        )
+    elif isinstance(value, DateValue):
+        yield "date", {"param": code, "low": value.low, "high": value.high}
+    elif isinstance(value, StringValue):
+        yield "string", {"param": code, "value": value.normalized[:_COLUMN], "exact": value.exact[:_COLUMN]}
+    elif isinstance(value, QuantityValue):
+        for row in _quantity_rows(code, value):
+            yield "quantity", row
+    elif isinstance(value, NumberValue):
+        low, high = point_or_range(value)
+        yield "number", {"param": code, "low": low, "high": high}
+    elif isinstance(value, UriValue):
+        yield "uri", {"param": code, "value": value.value[:_URI_COLUMN]}
+    elif isinstance(value, CompositeValue):
+        composite = composite_row(code, value)
+        if composite is not None:
+            yield "composite", composite
+
+
+def index_rows(
+    resource: Mapping[str, Any], registry: Registry | None = None, *, resource_type: str | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """The rows of ``resource`` for the typed index tables, by table kind (``token``, ``reference``,
+    ``date``, ``string``, ``quantity``, ``number``, ``uri``, ``composite``): each row holds
+    ``param`` and the kind's value columns, text cut to the column sizes, without duplicates.
+    ``_id`` and ``_lastUpdated`` are left out (the ``resources`` table holds them)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    seen: set[tuple[Any, ...]] = set()
+    for code, values in extract(resource, registry, resource_type=resource_type).items():
+        if code in NOT_INDEXED:
+            continue
+        # a CodeableConcept.text equal to a coding's display adds nothing a search could tell apart
+        displays = {_norm(v.text) for v in values if isinstance(v, TokenValue) and v.code is not None and v.text}
+        for value in values:
+            redundant = isinstance(value, TokenValue) and value.code is None and value.system is None
+            if redundant and _norm(value.text) in displays:  # type: ignore[union-attr]
+                continue
+            for kind, row in rows_of(code, value):
+                key = (kind, *row.values())
+                if key not in seen:
+                    seen.add(key)
+                    out.setdefault(kind, []).append(row)
+    return out

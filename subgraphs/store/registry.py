@@ -21,6 +21,9 @@ Contract
   mapping, never a partial one. A reindex of stored resources is the caller's job.
 * Objects handed out are immutable (frozen dataclasses, tuples); :meth:`Registry.params_for` returns
   a fresh ``dict`` the caller may keep or change.
+* :meth:`Registry.compartment` gives the parameters that put a type in the R5 Patient compartment
+  (``{def}`` = the Patient itself); :meth:`Registry.elements` the top-level elements of a type (all,
+  summary, mandatory; choice elements as ``value[x]``) for ``_summary`` and ``_elements``.
 """
 
 from __future__ import annotations
@@ -64,6 +67,16 @@ class Component:
     code: str | None
     type: ParamType | None
     expression: str
+
+
+@dataclass(frozen=True, slots=True)
+class Elements:
+    """The top-level elements of a resource type (from its StructureDefinition): every name,
+    those marked ``isSummary`` and those with ``min >= 1``; choice elements end in ``[x]``."""
+
+    all: tuple[str, ...] = ()
+    summary: tuple[str, ...] = ()
+    mandatory: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,8 +182,14 @@ class Registry:
         common: Mapping[str, SearchParam] | None = None,
         *,
         source: str = "",
+        compartments: Mapping[str, Mapping[str, Iterable[str]]] | None = None,
+        elements: Mapping[str, Elements] | None = None,
     ) -> None:
         self.source = source
+        self._compartments = {
+            name: {t: tuple(ps) for t, ps in members.items()} for name, members in (compartments or {}).items()
+        }
+        self._elements = dict(elements or {})
         self._lock = threading.Lock()
         self._builtin = {t: dict(ps) for t, ps in by_type.items()}
         self._common = dict(common or {})
@@ -197,6 +216,18 @@ class Registry:
                 view = self._build_view(resource_type)
                 self._views[resource_type] = view
         return dict(view)
+
+    def compartment(self, resource_type: str, compartment: str = "Patient") -> tuple[str, ...]:
+        """The parameters of ``resource_type`` that link it to ``compartment`` (empty: not in it)."""
+        return self._compartments.get(compartment, {}).get(resource_type, ())
+
+    def compartment_types(self, compartment: str = "Patient") -> tuple[str, ...]:
+        """The resource types in ``compartment``, sorted."""
+        return tuple(sorted(self._compartments.get(compartment, {})))
+
+    def elements(self, resource_type: str) -> Elements:
+        """The top-level elements of ``resource_type`` (empty for an unknown type)."""
+        return self._elements.get(resource_type, _NO_ELEMENTS)
 
     def get(self, resource_type: str, code: str) -> SearchParam | None:
         """One parameter of ``resource_type`` by code, or ``None``."""
@@ -250,6 +281,9 @@ class Registry:
                 if restricted.expression is not None or param.expression is None:
                     view[param.code] = restricted
         return view
+
+
+_NO_ELEMENTS = Elements()
 
 
 def _restricted(param: SearchParam, resource_type: str) -> SearchParam:
@@ -336,7 +370,17 @@ def registry_from_json(data: Mapping[str, Any]) -> Registry:
     """A :class:`Registry` from the parsed ``search_registry.json`` document."""
     by_type = {t: {code: param_from_json(code, p) for code, p in ps.items()} for t, ps in data["types"].items()}
     common = {code: param_from_json(code, p) for code, p in data.get("common", {}).items()}
-    return Registry(by_type, common, source=str(data.get("source", "")))
+    elements = {
+        t: Elements(tuple(e.get("all", ())), tuple(e.get("summary", ())), tuple(e.get("mandatory", ())))
+        for t, e in data.get("elements", {}).items()
+    }
+    return Registry(
+        by_type,
+        common,
+        source=str(data.get("source", "")),
+        compartments=data.get("compartments", {}),
+        elements=elements,
+    )
 
 
 REGISTRY_FILE = "search_registry.json"

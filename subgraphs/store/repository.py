@@ -22,11 +22,10 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from . import links, writes
+from . import engine, links, writes
 from . import statements as sql
 from .access import AccessPolicy
 from .database import Database, SqlConnection
-from .dates import as_utc
 from .errors import FhirError, bad_request
 from .links import PatientLinker
 from .records import (
@@ -166,41 +165,13 @@ class ResourceRepository:
         return [HistoryEntry(StoredResource.from_row(r), r.method) for r in rows]
 
     async def search(self, query: SearchQuery, *, after: list[Any] | None = None) -> SearchPage:
-        """One page of matches of ``query`` (keyset paging; ``after`` is the last page's position)."""
-        policy, params = self._policy(query.type, "s")
-        shape = query_shape(query)
-        params.update(query_params(query, self.facility))
-        total = None
-        if query.total:
-            total = (await self.conn.execute(sql.count(shape, policy), params)).scalar_one()
-        if query.summary_count or query.count == 0:
-            return SearchPage([], None, total)
-        sort = query.sort[0] if query.sort else ("_id", False)
-        params["limit"] = query.count + 1
-        if sort[0] not in ("_id", "_lastUpdated"):
-            params["sort_param"] = sort[0]
-        if after is not None:
-            try:
-                params["after_id"] = str(after[1])
-                params["after_value"] = after[0] if sort[0] == "_id" else datetime.fromisoformat(after[0])
-            except (ValueError, IndexError, TypeError):
-                raise bad_request("the paging cursor is not valid for this search") from None
-        rows = list(await self.conn.execute(sql.search(shape, policy, sort, after is not None), params))
-        page = [StoredResource.from_row(r) for r in rows[: query.count]]
-        self.touched.extend((r.type, r.id) for r in page)
-        position = None
-        if len(rows) > query.count:
-            last = rows[query.count - 1]
-            position = [as_utc(last.sk).isoformat() if isinstance(last.sk, datetime) else last.sk, last.id]
-        if total is None and after is None and position is None:
-            total = len(page)  # the whole result is on this first page: the total is free
-        return SearchPage(page, position, total)
+        """One page of matches of ``query`` (keyset paging; ``after`` is the last page's position),
+        with its ``_include``/``_revinclude`` resources: an :class:`~.engine.SearchResult`."""
+        return await engine.search(self, query, after=after)
 
     async def find_ids(self, query: SearchQuery, limit: int = 2) -> list[str]:
         """Ids of up to ``limit`` current, visible resources matching ``query`` (conditional operations)."""
-        policy, params = self._policy(query.type, "s")
-        params.update(query_params(query, self.facility), limit=limit)
-        return list((await self.conn.execute(sql.find(query_shape(query), policy), params)).scalars())
+        return await engine.find_ids(self, query, limit)
 
     async def latest_per_code(
         self,

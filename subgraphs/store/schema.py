@@ -19,6 +19,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    Numeric,
     PrimaryKeyConstraint,
     String,
     Table,
@@ -149,15 +150,40 @@ def _index_table(name: str, *columns: Column[object], lookup: tuple[str, ...]) -
 idx_token = _index_table(
     "idx_token",
     Column("system", String(255), nullable=True),
-    Column("code", String(255), nullable=False),
+    Column("code", String(255), nullable=True),  # NULL: a text-only value (CodeableConcept.text)
+    Column("text", String(255), nullable=True),  # normalized display / text, for :text
+    Column("type_system", String(255), nullable=True),  # Identifier.type coding, for :of-type
+    Column("type_code", String(255), nullable=True),
     lookup=("code", "system"),
 )
 
 idx_reference = _index_table(
     "idx_reference",
-    Column("target_type", RTYPE, nullable=False),
-    Column("target_id", RID, nullable=False),
+    Column("target_type", RTYPE, nullable=True),  # NULL: a logical (identifier-only) or urn: reference
+    Column("target_id", RID, nullable=True),
+    Column("version", String(64), nullable=True),
+    Column("url", String(512), nullable=True),  # absolute / canonical references
+    Column("identifier_system", String(255), nullable=True),  # Reference.identifier, for :identifier
+    Column("identifier_value", String(255), nullable=True),
     lookup=("target_id", "target_type"),
+)
+Index(
+    "ix_idx_reference_url",
+    idx_reference.c.facility,
+    idx_reference.c.type,
+    idx_reference.c.param,
+    idx_reference.c.url,
+    postgresql_where=text("url IS NOT NULL"),
+    sqlite_where=text("url IS NOT NULL"),
+)
+Index(
+    "ix_idx_reference_identifier",
+    idx_reference.c.facility,
+    idx_reference.c.type,
+    idx_reference.c.param,
+    idx_reference.c.identifier_value,
+    postgresql_where=text("identifier_value IS NOT NULL"),
+    sqlite_where=text("identifier_value IS NOT NULL"),
 )
 
 idx_date = _index_table(
@@ -167,10 +193,64 @@ idx_date = _index_table(
     lookup=("low", "high"),
 )
 
+# Prefix searches compare code points (range predicates, see search.py): binary collation on both
+# backends ("C" on PostgreSQL, SQLite's default BINARY), so the lookup index serves them.
+PREFIX_TEXT = String(255).with_variant(String(255, collation="C"), "postgresql")
+URI_TEXT = String(512).with_variant(String(512, collation="C"), "postgresql")
+# Exact decimals on PostgreSQL; SQLite has none (floats there, without SQLAlchemy's Decimal warning).
+NUMBER = Numeric().with_variant(Numeric(asdecimal=False), "sqlite")
+
 idx_string = _index_table(
     "idx_string",
-    Column("value", String(255), nullable=False),
+    Column("value", PREFIX_TEXT, nullable=False),  # normalized (case- and accent-insensitive)
+    Column("exact", String(255), nullable=True),  # as written, for :exact
     lookup=("value",),
 )
 
-INDEX_TABLES = {"token": idx_token, "reference": idx_reference, "date": idx_date, "string": idx_string}
+idx_quantity = _index_table(
+    "idx_quantity",
+    Column("system", String(255), nullable=True),
+    Column("code", String(255), nullable=True),
+    Column("unit", String(255), nullable=True),
+    Column("low", NUMBER, nullable=True),  # a value v is [v, v]; a Range its ends; NULL = open
+    Column("high", NUMBER, nullable=True),
+    lookup=("code", "low"),
+)
+
+idx_number = _index_table(
+    "idx_number",
+    Column("low", NUMBER, nullable=True),
+    Column("high", NUMBER, nullable=True),
+    lookup=("low",),
+)
+
+idx_uri = _index_table(
+    "idx_uri",
+    Column("value", URI_TEXT, nullable=False),
+    lookup=("value",),
+)
+
+idx_composite = _index_table(
+    "idx_composite",
+    Column("a_system", String(255), nullable=True),  # first component: token system / reference type
+    Column("a_code", String(255), nullable=True),  # token code / reference id
+    Column("b_system", String(255), nullable=True),  # second: token or quantity system / reference type
+    Column("b_code", String(255), nullable=True),  # token or quantity code / reference id / uri
+    Column("b_text", String(255), nullable=True),  # string (normalized)
+    Column("b_low_date", DateTime(timezone=True), nullable=True),
+    Column("b_high_date", DateTime(timezone=True), nullable=True),
+    Column("b_low", NUMBER, nullable=True),  # quantity / number
+    Column("b_high", NUMBER, nullable=True),
+    lookup=("a_code", "b_code"),
+)
+
+INDEX_TABLES = {
+    "token": idx_token,
+    "reference": idx_reference,
+    "date": idx_date,
+    "string": idx_string,
+    "quantity": idx_quantity,
+    "number": idx_number,
+    "uri": idx_uri,
+    "composite": idx_composite,
+}

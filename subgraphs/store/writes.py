@@ -21,7 +21,8 @@ from sqlalchemy import and_, bindparam, delete, insert, select, update
 from . import fhirjson
 from .database import SqlConnection
 from .errors import conflict_version
-from .params import PATIENT_PARAM, extract
+from .extract import index_rows
+from .params import PATIENT_PARAM
 from .records import Change, StoredResource, document
 from .schema import INDEX_TABLES, idx_reference, outbox, resource_history, resources
 from .validation import validate
@@ -101,10 +102,16 @@ def plan(
             doc = document(change.body, change.type, change.id, version, now)
             validate(change.type, doc)
             content = fhirjson.dumps(doc)
-            for kind, row in extract(change.type, doc):
-                if kind == "reference" and row["param"] == PATIENT_PARAM and patient is None:
-                    patient = row["target_id"]
-                out.index[kind].append({"facility": facility, "type": change.type, "id": change.id, **row})
+            for kind, rows in index_rows(doc, resource_type=change.type).items():
+                for row in rows:
+                    if (
+                        kind == "reference"
+                        and patient is None
+                        and row["param"] == PATIENT_PARAM
+                        and row["target_type"] == "Patient"
+                    ):
+                        patient = row["target_id"]
+                    out.index[kind].append({"facility": facility, "type": change.type, "id": change.id, **row})
         deleted = change.body is None
         row = {
             "facility": facility,

@@ -1,0 +1,310 @@
+#!/usr/bin/env python3
+"""Search benchmark (issue 3; prints, never asserts).
+
+Usage: ``.venv/bin/python scripts/bench_search.py [--patients 1000] [--facilities 1]
+[--backends sqlite,postgresql] [--iterations 300] [--postgres-url URL] [--keep DIR] [--no-explain]``
+
+``--keep DIR`` keeps the SQLite database (and the NDJSON) in ``DIR``; with it, or with
+``--postgres-url``, a database that already holds the facility's data is measured without
+importing again (same ``--patients``/``--facilities``/``--seed`` expected).
+
+For each backend: loads ``--patients`` deterministic demo patients (:mod:`gateway.demo_data`, about
+35 resources each) with :func:`gateway.importer.import_file` into a fresh database (PostgreSQL: a
+throw-away server from ``scripts/postgres.sh`` unless ``--postgres-url`` names one; migrations and
+the import as the owner, the measured searches as a login role in ``unihealth_app``, so row-level
+security is live), then times, in one facility, sequential store-level searches (parse + the
+repository's statements in a read transaction, no HTTP) for random patients:
+
+* ``obs-by-patient-code``  ``Observation?patient=X&code=http://loinc.org|Y&_sort=-date&_count=20``
+* ``patient-name-birthdate``  ``Patient?name=<family>&birthdate=<birthDate>``
+* ``encounter-revinclude``  ``Encounter?patient=X&_revinclude=Observation:encounter``
+* ``chain-identifier``  ``Observation?patient.identifier=<national id>&code=Y`` (chained)
+* ``chain-name``  ``Encounter?patient.name=<family>&_count=20`` (chained, string)
+* ``has-reverse-chain``  ``Patient?_has:Observation:patient:code=Y&name=<family>``
+
+and reports P50/P95/P99 (ms), sequential throughput (searches/s) and the mean number of matches,
+then prints the query plans (PostgreSQL ``EXPLAIN (ANALYZE, BUFFERS)``, SQLite ``EXPLAIN QUERY
+PLAN``) of every statement one search of each kind ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from sqlalchemy import event  # noqa: E402
+
+from gateway import demo_data  # noqa: E402
+from gateway.backends import Backends, open_backends  # noqa: E402
+from gateway.importer import import_file  # noqa: E402
+from gateway.settings import load_settings  # noqa: E402
+from subgraphs.store.search import parse_search  # noqa: E402
+
+SECRET = b"bench-secret-key-that-is-long-enough-0123456789"
+DEV_KEY = b"bench-development-jwt-key-long-enough-0123456789"
+NATIONAL = "https://unihealth.dev/fhir/sid/national-id"
+LOINC = "http://loinc.org"
+RUNTIME_ROLE = "unihealth_bench_runtime"
+
+
+@dataclass
+class Person:
+    id: str
+    family: str
+    birth: str
+    national: str
+    codes: list[str]
+
+
+def _people(patients: int, facilities: int, seed: int, facility: str) -> list[Person]:
+    out: dict[str, Person] = {}
+    codes: dict[str, set[str]] = defaultdict(set)
+    for r in demo_data.generate(patients, facilities, seed):
+        tags = r.get("meta", {}).get("tag", [])
+        if not any(t.get("code") == facility for t in tags):
+            continue
+        if r["resourceType"] == "Patient":
+            national = next(i["value"] for i in r["identifier"] if i["system"] == NATIONAL)
+            out[r["id"]] = Person(r["id"], r["name"][0]["family"], r["birthDate"], national, [])
+        elif r["resourceType"] == "Observation":
+            pid = r["subject"]["reference"].split("/")[1]
+            for c in r["code"].get("coding", []):
+                if c.get("system") == LOINC:
+                    codes[pid].add(c["code"])
+    for pid, person in out.items():
+        person.codes = sorted(codes[pid])
+    return [p for p in out.values() if p.codes]
+
+
+def _queries(p: Person, rng: random.Random) -> dict[str, tuple[str, list[tuple[str, str]]]]:
+    code = rng.choice(p.codes)
+    return {
+        "obs-by-patient-code": (
+            "Observation",
+            [("patient", p.id), ("code", f"{LOINC}|{code}"), ("_sort", "-date"), ("_count", "20")],
+        ),
+        "patient-name-birthdate": ("Patient", [("name", p.family), ("birthdate", p.birth)]),
+        "encounter-revinclude": ("Encounter", [("patient", p.id), ("_revinclude", "Observation:encounter")]),
+        "chain-identifier": ("Observation", [("patient.identifier", f"{NATIONAL}|{p.national}"), ("code", code)]),
+        "chain-name": ("Encounter", [("patient.name", p.family), ("_count", "20")]),
+        "has-reverse-chain": ("Patient", [("_has:Observation:patient:code", code), ("name", p.family)]),
+    }
+
+
+async def _search(backends: Backends, facility: str, resource_type: str, pairs: list[tuple[str, str]]) -> int:
+    async with backends.repository(facility, write=False) as repo:
+        query = parse_search(resource_type, pairs, default_count=50, max_count=1000)
+        page = await repo.search(query)
+        return len(page.resources) + len(getattr(page, "included", ()))
+
+
+def _percentile(values: list[float], pct: float) -> float:
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+class Capture:
+    """The SQL and parameters of every statement run while ``active``."""
+
+    def __init__(self, sync_engine: Any) -> None:
+        self.active = False
+        self.statements: list[tuple[str, Any]] = []
+        event.listen(sync_engine, "before_cursor_execute", self._on)
+
+    def _on(self, _conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool) -> None:
+        if self.active and statement.lstrip().upper().startswith("SELECT") and "set_config" not in statement:
+            self.statements.append((statement, parameters))
+
+
+async def _explain(backends: Backends, facility: str, capture: Capture, resource_type: str, pairs: Any) -> str:
+    capture.statements, capture.active = [], True
+    try:
+        await _search(backends, facility, resource_type, pairs)
+    finally:
+        capture.active = False
+    lines: list[str] = []
+    async with backends.repository(facility, write=False) as repo:
+        for n, (statement, parameters) in enumerate(capture.statements, 1):
+            lines.append(f"  -- statement {n}")
+            if backends.db.dialect == "postgresql":
+                result = await repo.conn.exec_driver_sql(  # type: ignore[attr-defined]
+                    "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + statement, parameters
+                )
+                lines += [f"  {row[0]}" for row in result]
+            else:
+                result = repo.conn.sync_connection.exec_driver_sql(  # type: ignore[attr-defined]
+                    "EXPLAIN QUERY PLAN " + statement, parameters
+                )
+                lines += [f"  {'  ' * (row[1] // 2 if row[1] < 40 else 1)}{row[3]}" for row in result]
+    return "\n".join(lines)
+
+
+def _start_postgres() -> tuple[str, str]:
+    out = subprocess.run([str(ROOT / "scripts" / "postgres.sh")], capture_output=True, text=True, check=True)
+    url, directory = out.stdout.split()
+    return url, directory
+
+
+def _stop_postgres(directory: str) -> None:
+    subprocess.run([str(ROOT / "scripts" / "postgres.sh"), "stop", directory], check=False)
+
+
+async def _runtime_url(owner_url: str) -> str:
+    import asyncpg
+
+    conn = await asyncpg.connect(owner_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        for role, attrs in (("unihealth_app", "NOLOGIN"), (RUNTIME_ROLE, "LOGIN NOSUPERUSER NOBYPASSRLS")):
+            if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role):
+                await conn.execute(f"CREATE ROLE {role} {attrs}")
+        await conn.execute(f"GRANT unihealth_app TO {RUNTIME_ROLE}")
+    finally:
+        await conn.close()
+    user_at = owner_url.split("://", 1)[1].split("@", 1)
+    return f"postgresql+asyncpg://{RUNTIME_ROLE}@{user_at[1]}"
+
+
+async def bench_backend(
+    name: str, args: argparse.Namespace, data: Path, work: Path, say: Callable[[str], None]
+) -> None:
+    stop: list[str] = []
+    if name == "postgresql":
+        owner = args.postgres_url
+        if not owner:
+            owner, directory = _start_postgres()
+            stop.append(directory)
+        runtime = await _runtime_url(owner)
+        settings = load_settings(
+            {},
+            data_dir=work,
+            database_url=runtime,
+            migration_database_url=owner,
+            secret_key=SECRET,
+            dev_jwt_key=DEV_KEY,
+            relay="off",
+        )
+    else:
+        url = f"sqlite+aiosqlite:///{work / 'bench.sqlite'}"
+        # relay off: publishing the import's outbox would compete with the searches in this loop
+        settings = load_settings(
+            {}, data_dir=work, database_url=url, secret_key=SECRET, dev_jwt_key=DEV_KEY, relay="off"
+        )
+    try:
+        backends = await open_backends(settings)
+        try:
+            facility = demo_data.facility_ids(args.facilities)[0]
+            if await _loaded(backends, facility):
+                say(f"[{name}] the database already holds {facility}'s data: not importing")
+            else:
+                started = time.perf_counter()
+                written = await import_file(backends, data, batch_size=500)
+                say(f"[{name}] imported {written} resources in {time.perf_counter() - started:.0f} s")
+            await _measure(name, backends, args, say)
+        finally:
+            await backends.close()
+    finally:
+        for directory in stop:
+            _stop_postgres(directory)
+
+
+async def _loaded(backends: Backends, facility: str) -> bool:
+    from sqlalchemy import func, select
+
+    from subgraphs.store.schema import resources
+
+    async with backends.repository(facility, write=False) as repo:
+        stmt = select(func.count()).select_from(resources).where(resources.c.facility == facility)
+        return bool((await repo.conn.execute(stmt)).scalar_one())
+
+
+async def _measure(name: str, backends: Backends, args: argparse.Namespace, say: Callable[[str], None]) -> None:
+    facility = demo_data.facility_ids(args.facilities)[0]
+    people = _people(args.patients, args.facilities, args.seed, facility)
+    rng = random.Random(args.seed)
+    kinds = list(_queries(people[0], rng))
+    timings: dict[str, list[float]] = {k: [] for k in kinds}
+    sizes: dict[str, list[int]] = {k: [] for k in kinds}
+    for i in range(args.warmup + args.iterations):
+        person = rng.choice(people)
+        for kind, (resource_type, pairs) in _queries(person, rng).items():
+            t = time.perf_counter()
+            n = await _search(backends, facility, resource_type, pairs)
+            if i >= args.warmup:
+                timings[kind].append((time.perf_counter() - t) * 1000)
+                sizes[kind].append(n)
+    floor: list[float] = []
+    for person in rng.sample(people, min(len(people), args.iterations)):
+        t = time.perf_counter()
+        async with backends.repository(facility, write=False) as repo:
+            await repo.read("Patient", person.id)
+        floor.append((time.perf_counter() - t) * 1000)
+    print(f"\n== {name}: {args.patients} patients, facility {facility}, {args.iterations} searches each")
+    print(
+        f"(floor: a read by id in its own transaction, P50 {_percentile(floor, 50):.2f} ms, "
+        f"P95 {_percentile(floor, 95):.2f} ms)"
+    )
+    print(f"{'search':<24}{'P50 ms':>9}{'P95 ms':>9}{'P99 ms':>9}{'mean ms':>9}{'per s':>9}{'results':>9}")
+    for kind in kinds:
+        ms = timings[kind]
+        mean = statistics.fmean(ms)
+        print(
+            f"{kind:<24}{_percentile(ms, 50):>9.2f}{_percentile(ms, 95):>9.2f}{_percentile(ms, 99):>9.2f}"
+            f"{mean:>9.2f}{1000 / mean:>9.0f}{statistics.fmean(sizes[kind]):>9.1f}"
+        )
+    if args.explain:
+        sync_engine = getattr(backends.db.engine, "sync_engine", backends.db.engine)  # type: ignore[attr-defined]
+        capture = Capture(sync_engine)
+        for kind, (resource_type, pairs) in _queries(people[0], rng).items():
+            print(f"\n-- plan [{name}] {kind}: {resource_type}?{'&'.join(f'{k}={v}' for k, v in pairs)}")
+            print(await _explain(backends, facility, capture, resource_type, pairs))
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    def say(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="unihealth-bench-search-") as tmp:
+        root = Path(args.keep) if args.keep else Path(tmp)
+        data = root / f"demo-{args.patients}-{args.facilities}-{args.seed}.ndjson"
+        if not data.exists():
+            written = demo_data.write_ndjson(data, args.patients, args.facilities, args.seed)
+            say(f"wrote {written} resources for {args.patients} patients")
+        for name in args.backends.split(","):
+            work = root / f"{name}-{args.patients}-{args.facilities}-{args.seed}"
+            work.mkdir(parents=True, exist_ok=True)
+            await bench_backend(name, args, data, work, say)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0] if __doc__ else None)
+    parser.add_argument("--patients", type=int, default=1000)
+    parser.add_argument("--facilities", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--backends", default="sqlite,postgresql")
+    parser.add_argument("--postgres-url", default="", help="an owner URL (default: a throw-away server)")
+    parser.add_argument("--keep", default="", help="keep the SQLite database and the data here, reuse them")
+    parser.add_argument("--no-explain", dest="explain", action="store_false")
+    asyncio.run(main_async(parser.parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
