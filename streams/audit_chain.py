@@ -37,13 +37,22 @@ async def append(
     db: Database, conn: SqlConnection, facility: str, event_id: str, content: bytes, recorded: datetime
 ) -> bool:
     """Append one record to ``facility``'s chain inside ``conn``'s transaction; False if present."""
+    return (await append_many(db, conn, facility, [(event_id, content, recorded)]))[0]
+
+
+async def append_many(
+    db: Database, conn: SqlConnection, facility: str, records: list[tuple[str, bytes, datetime]]
+) -> list[bool]:
+    """Append ``(event_id, content, recorded)`` records in order inside ``conn``'s transaction, under
+    one lock and one look-up of the chain's head; each result is False if that record was present."""
     await db.lock(conn, f"{facility}|audit-chain")
-    seen = await conn.execute(
-        select(audit_log.c.seq).where(audit_log.c.facility == bindparam("f"), audit_log.c.event_id == bindparam("e")),
-        {"f": facility, "e": event_id},
+    seen_rows = await conn.execute(
+        select(audit_log.c.event_id).where(
+            audit_log.c.facility == bindparam("f"), audit_log.c.event_id.in_(bindparam("e", expanding=True))
+        ),
+        {"f": facility, "e": [r[0] for r in records]},
     )
-    if seen.first() is not None:
-        return False
+    seen = set(seen_rows.scalars())
     last = (
         await conn.execute(
             select(audit_log.c.seq, audit_log.c.hash)
@@ -53,21 +62,31 @@ async def append(
             {"f": facility},
         )
     ).first()
-    seq = (last.seq + 1) if last else 1
-    prev = last.hash if last else GENESIS
-    await conn.execute(
-        insert(audit_log),
-        {
-            "facility": facility,
-            "seq": seq,
-            "event_id": event_id,
-            "recorded": recorded,
-            "prev_hash": prev,
-            "hash": chain_hash(prev, seq, event_id, content),
-            "content": content,
-        },
-    )
-    return True
+    seq, prev = (last.seq, last.hash) if last else (0, GENESIS)
+    rows, added = [], []
+    for event_id, content, recorded in records:
+        if event_id in seen:
+            added.append(False)
+            continue
+        seen.add(event_id)
+        seq += 1
+        digest = chain_hash(prev, seq, event_id, content)
+        rows.append(
+            {
+                "facility": facility,
+                "seq": seq,
+                "event_id": event_id,
+                "recorded": recorded,
+                "prev_hash": prev,
+                "hash": digest,
+                "content": content,
+            }
+        )
+        prev = digest
+        added.append(True)
+    if rows:
+        await conn.execute(insert(audit_log), rows)
+    return added
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,32 @@ class _Dispatcher:
         log.error("change event on %s (key %r) failed in %s: %r", topic, key, handler, error, exc_info=error)
         self.failures.append(HandlerFailure(topic, key, value, handler, repr(error)))
 
+    async def deliver_batch(self, messages: Sequence[Message], events: Sequence[Event]) -> None:
+        """Deliver in publish order per subscription; a handler with ``handle_batch`` gets all of
+        its events in one call (one failure is recorded for each of them)."""
+        for subscription, handler in self.subscriptions:
+            mine = [(m, e) for m, e in zip(messages, events, strict=True) if matches(subscription, m.topic)]
+            if not mine:
+                continue
+            batch = getattr(handler, "handle_batch", None)
+            if batch is None:
+                for message, event in mine:
+                    await self._run(handler, message.topic, message.key, event, message.value)
+                continue
+            try:
+                async with asyncio.timeout(self.handler_timeout):
+                    await batch([e for _, e in mine])
+            except Exception as exc:
+                for message, _ in mine:
+                    self.record(message.topic, message.key, message.value, _name(handler), exc)
+
+    async def _run(self, handler: Handler, topic: str, key: bytes | None, event: Event, value: bytes | None) -> None:
+        try:
+            async with asyncio.timeout(self.handler_timeout):
+                await handler(event)
+        except Exception as exc:  # a handler's failure is recorded, never propagated or lost
+            self.record(topic, key, value, _name(handler), exc)
+
     async def deliver(self, topic: str, key: bytes | None, event: Event, value: bytes | None) -> None:
         for subscription, handler in self.subscriptions:
             if not matches(subscription, topic):
@@ -139,8 +165,7 @@ class InProcessBus:
         """Deliver ``messages`` in order; a value that is not a valid change event is a ValueError."""
         events = [decode(m.topic, m.value) for m in messages]
         async with self._lock:
-            for message, event in zip(messages, events, strict=True):
-                await self._dispatch.deliver(message.topic, message.key, event, message.value)
+            await self._dispatch.deliver_batch(messages, events)
 
 
 class KafkaBus:

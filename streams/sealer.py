@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
+from typing import Any
 
 from subgraphs.store import fhirjson
 from subgraphs.store.access import AccessPolicy
@@ -31,16 +32,40 @@ class AuditSealer:
         self.sealed = 0
 
     async def __call__(self, record: AuditRecord) -> None:
-        event = dict(record.audit_event)
-        meta = dict(event.get("meta") or {})
-        meta["tag"] = [*meta.get("tag", []), {"system": audit_chain.SEALED_SYSTEM, "code": "sealed"}]
-        event["meta"] = meta
-        event["id"] = record.event_id
-        content = fhirjson.dumps(event)
-        recorded = datetime.fromisoformat(record.recorded)
-        async with self.db.transaction(write=True, facility=record.facility) as conn:
-            if not await audit_chain.append(self.db, conn, record.facility, record.event_id, content, recorded):
-                return
-            repo = ResourceRepository(self.db, conn, record.facility, _SEALER)
-            await repo.save_many([Change("AuditEvent", record.event_id, event)])
-        self.sealed += 1
+        await self.handle_batch([record])
+
+    async def handle_batch(self, records: list[AuditRecord]) -> None:
+        """Seal ``records`` (in order): one transaction, one chain look-up and one batched write per
+        facility. The in-process bus hands over whole relay batches; Kafka agents one by one."""
+        by_facility: dict[str, list[AuditRecord]] = {}
+        for record in records:
+            by_facility.setdefault(record.facility, []).append(record)
+        for facility, batch in by_facility.items():
+            prepared = [_prepare(r) for r in batch]
+            async with self.db.transaction(write=True, facility=facility) as conn:
+                added = await audit_chain.append_many(
+                    self.db,
+                    conn,
+                    facility,
+                    [
+                        (r.event_id, content, recorded)
+                        for r, (_, content, recorded) in zip(batch, prepared, strict=True)
+                    ],
+                )
+                changes = [
+                    Change("AuditEvent", r.event_id, event)
+                    for r, (event, _, _), new in zip(batch, prepared, added, strict=True)
+                    if new
+                ]
+                if changes:
+                    await ResourceRepository(self.db, conn, facility, _SEALER).save_many(changes)
+            self.sealed += len(changes)
+
+
+def _prepare(record: AuditRecord) -> tuple[dict[str, Any], bytes, datetime]:
+    event = dict(record.audit_event)
+    meta = dict(event.get("meta") or {})
+    meta["tag"] = [*meta.get("tag", []), {"system": audit_chain.SEALED_SYSTEM, "code": "sealed"}]
+    event["meta"] = meta
+    event["id"] = record.event_id
+    return event, fhirjson.dumps(event), datetime.fromisoformat(record.recorded)

@@ -192,3 +192,29 @@ async def test_tampering_is_detected_at_that_record(
         expected = "truncated"
     verdict = await audit_chain.verify(db, facility)
     assert not verdict.ok and verdict.problem is not None and expected in verdict.problem, verdict
+
+
+async def test_batches_are_sealed_in_order_once(app: Starlette, facility: str, other_facility: str) -> None:
+    sealer = AuditSealer(app.state.backends.db)
+
+    def record(n: int, fac: str) -> AuditRecord:
+        return AuditRecord(
+            f"0b5e3f58-3c83-4b0a-9a37-{n:012d}",
+            fac,
+            "2026-01-01T00:00:00.000Z",
+            {
+                "resourceType": "AuditEvent",
+                "code": {"text": f"read {n}"},
+                "recorded": "2026-01-01T00:00:00.000Z",
+                "agent": [{"who": {"display": "x"}}],
+                "source": {"observer": {"display": "x"}},
+            },
+        )
+
+    batch = [record(1, facility), record(2, other_facility), record(3, facility), record(1, facility)]
+    await sealer.handle_batch(batch)
+    await sealer.handle_batch(batch[:2])  # redelivered
+    assert sealer.sealed == 3
+    assert [e["code"]["text"] for e in await chain(app, facility)] == ["read 1", "read 3"]
+    assert [e["code"]["text"] for e in await chain(app, other_facility)] == ["read 2"]
+    assert (await audit_chain.verify(app.state.backends.db, facility)).ok
