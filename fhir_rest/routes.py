@@ -10,10 +10,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway import summary_service
 from gateway.context import RequestContext
-from gateway.linked import linked_records, linked_summary_entries
 from gateway.security import break_glass
-from gateway.summary import patient_summary
 from subgraphs.store import fhirjson
 from subgraphs.store.errors import FhirError, bad_request
 from subgraphs.store.repository import check_id
@@ -24,7 +23,6 @@ from .capability import capability_statement
 from .interactions import bundle, crud
 from .interactions.search import everything, history, search
 from .outcome import FHIR_JSON
-from .results import Result
 
 
 def _pairs(request: Request) -> list[tuple[str, str]]:
@@ -186,24 +184,9 @@ async def summary(request: Request) -> Response:
     ctx = http.context(request)
     patient_id = check_id(request.path_params["id"])
     encounters = _encounters(request)
-    b = http.backends(request)
     assert ctx.principal is not None
     reason = break_glass.requested(ctx.principal, request.headers.get("x-break-glass-reason"))
-    btg: break_glass.Session | None = None
-    async with b.session(ctx, write=reason is not None) as repo:
-        bundle_ = await patient_summary(repo, ctx.base, patient_id, encounters)  # 404 before any glass breaks
-        others = await linked_records(repo, ctx, patient_id)
-        if reason is not None:
-            btg = await break_glass.engage(
-                repo, ctx.principal, patient_id, reason, b.settings.btg_minutes, b.settings.btg_roles
-            )
-        elif others:  # an open session matters only where there is something to share
-            btg = await break_glass.open_session(repo, ctx.principal, patient_id)
-    if others:
-        bundle_["entry"] += await linked_summary_entries(b, ctx, others, encounters, btg)
-    if btg is not None:
-        bundle_["meta"] = {"security": [break_glass.LABEL]}
-    return http.render(Result(200, bundle_))
+    return http.render(await summary_service.summary(http.backends(request), ctx, patient_id, encounters, reason))
 
 
 @audited("search-type")

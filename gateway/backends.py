@@ -20,9 +20,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from streams.bus import Bus, InProcessBus, KafkaBus
-from streams.events import AUDIT_TOPIC
+from streams.cache import Cache, MemoryCache, RedisCache
+from streams.embedded import subscribe_embedded
 from streams.relay import Relay, wait_stopped
-from streams.sealer import AuditSealer
 from subgraphs.store.access import AccessPolicy
 from subgraphs.store.database import Database, open_database
 from subgraphs.store.links import PatientLinker
@@ -44,6 +44,7 @@ class Backends:
     db: Database
     verifier: TokenVerifier
     bus: Bus
+    cache: Cache
     linker: PatientLinker | None = None
     relay: Relay | None = None
     _relay_db: Database | None = None
@@ -87,6 +88,7 @@ class Backends:
         if self._relay_task is not None:
             await wait_stopped(self._relay_task)
         await self.bus.stop()
+        await self.cache.close()
         if self._relay_db is not None:
             await self._relay_db.dispose()
         await self.db.dispose()
@@ -99,10 +101,11 @@ async def open_backends(settings: Settings) -> Backends:
     if db.dialect == "sqlite":
         await db.analyze()  # SQLite plans badly without statistics; bounded by analysis_limit
     bus: Bus = KafkaBus(settings.kafka_bootstrap) if settings.bus == "kafka" else InProcessBus()
+    cache: Cache = RedisCache.from_url(settings.cache_url) if settings.cache_url else MemoryCache()
     if settings.bus == "inprocess":
-        bus.subscribe(AUDIT_TOPIC, AuditSealer(db))
+        subscribe_embedded(bus, db, cache=cache)  # the worker's handlers, in this process
     linker = PatientLinker(settings.national_id_system, settings.secret_key)
-    backends = Backends(settings=settings, db=db, verifier=TokenVerifier(settings), bus=bus, linker=linker)
+    backends = Backends(settings=settings, db=db, verifier=TokenVerifier(settings), bus=bus, linker=linker, cache=cache)
     await bus.start()
     if settings.relay == "inline":
         relay_db = db

@@ -44,6 +44,8 @@ class Settings:
     kafka_bootstrap: str = ""
     relay: str = "inline"  # inline: this process drains the outbox; off: a separate relay does
     relay_database_url: str = ""  # PostgreSQL: a role in unihealth_relay (sees every facility's outbox)
+    cache_url: str = ""  # redis://host:port/db; empty: an in-process LRU cache
+    summary_ttl: int = 60
     btg_minutes: int = 60
     btg_roles: tuple[str, ...] = ("clinician",)
     smart_token_endpoint: str = ""
@@ -177,6 +179,8 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         kafka_bootstrap=str(overrides.get("kafka_bootstrap") or env.get("UNIHEALTH_KAFKA_BOOTSTRAP", "")),
         relay=_choice(env, overrides, "relay", "UNIHEALTH_RELAY", ("inline", "off")),
         relay_database_url=str(overrides.get("relay_database_url") or env.get("UNIHEALTH_RELAY_DATABASE_URL", "")),
+        cache_url=str(overrides.get("cache_url") or env.get("UNIHEALTH_CACHE_URL", "")),
+        summary_ttl=_int(env, "UNIHEALTH_SUMMARY_TTL", 60, 1, 24 * 3600),
         btg_minutes=_int(env, "UNIHEALTH_BTG_MINUTES", 60, 1, 24 * 60),
         btg_roles=tuple(r.strip() for r in env.get("UNIHEALTH_BTG_ROLES", "clinician").split(",") if r.strip()),
         smart_token_endpoint=env.get("UNIHEALTH_SMART_TOKEN_ENDPOINT", ""),

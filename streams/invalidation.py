@@ -5,7 +5,8 @@ stale, all inside the event's facility:
 
 * the resource itself: ``facility|Type|id`` (:func:`resource_key`);
 * when the resource is in a patient's compartment (or is the Patient): that patient's summary
-  ``facility|summary|patient`` (:func:`summary_key`) and every GraphQL variant of it, the prefix
+  ``facility|summary|patient`` (:func:`summary_key`) with its variants ``facility|summary|patient|...``
+  (per encounter count and caller access level), and every GraphQL variant of it, the prefix
   ``facility|graphql|patient|`` (:func:`graphql_prefix`);
 * every cached search of that type: the prefix ``facility|search|Type|`` (:func:`search_prefix`).
 
@@ -68,6 +69,7 @@ def affected(event: ChangeEvent) -> Affected:
     patient = patient_of(event)
     if patient is not None and event.resource_type not in NOT_IN_PATIENT_VIEWS:
         keys.append(summary_key(f, patient))
+        prefixes.append(summary_key(f, patient) + "|")  # its variants (encounters, access level)
         prefixes.append(graphql_prefix(f, patient))
     return Affected(tuple(keys), tuple(prefixes))
 

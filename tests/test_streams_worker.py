@@ -385,7 +385,7 @@ async def test_redis_tag_sets_do_not_outlive_their_entries(redis_url: str) -> No
 def test_affected_entries_of_a_change() -> None:
     obs = affected(change("fac", "Observation", "o1", "p1"))
     assert obs.keys == ("fac|Observation|o1", "fac|summary|p1")
-    assert obs.prefixes == ("fac|search|Observation|", "fac|graphql|p1|")
+    assert obs.prefixes == ("fac|search|Observation|", "fac|summary|p1|", "fac|graphql|p1|")
     pat = affected(change("fac", "Patient", "p1", None))
     assert "fac|summary|p1" in pat.keys and "fac|graphql|p1|" in pat.prefixes
     audit = affected(change("fac", "AuditEvent", "a1", "p1"))  # the sealer stores one per access

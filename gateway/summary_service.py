@@ -1,0 +1,76 @@
+"""The patient summary as served: the local summary (cached), linked records, break-the-glass.
+
+Contract: :func:`summary` returns the summary Bundle of :mod:`gateway.summary` for the caller,
+plus what other facilities share (:mod:`gateway.linked`), labelled ``BTG`` while a
+break-the-glass session is open. The local part is cached per (facility, patient, encounter count,
+caller access level) for ``settings.summary_ttl`` seconds under ``facility|summary|patient|...``,
+which every change in the patient's compartment drops (:mod:`streams.invalidation`); linked
+records are never cached (they depend on other facilities' data and consents). A cached summary
+is still audited, with its patient, like a computed one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from fhir_rest.results import Result
+from streams.invalidation import summary_key
+from subgraphs.store import fhirjson
+from subgraphs.store.access import AccessPolicy
+from subgraphs.store.dates import instant
+
+from .backends import Backends
+from .context import RequestContext
+from .linked import linked_records, linked_summary_entries
+from .security import break_glass
+from .summary import patient_summary
+
+
+def access_level(policy: AccessPolicy) -> str:
+    """A short fingerprint of what the caller may see: equal fingerprints, equal summaries."""
+    grants = sorted((k, v.groups) for k, v in policy.grants.items())
+    return hashlib.sha256(repr((policy.everything, grants)).encode()).hexdigest()[:16]
+
+
+def cache_key(ctx: RequestContext, patient_id: str, encounters: int) -> str:
+    return f"{summary_key(ctx.facility, patient_id)}|{encounters}|{access_level(ctx.policy)}"
+
+
+async def summary(
+    backends: Backends, ctx: RequestContext, patient_id: str, encounters: int, reason: str | None
+) -> Result:
+    assert ctx.principal is not None
+    key = cache_key(ctx, patient_id, encounters)
+    cached = await backends.cache.get(key) if reason is None else None
+    btg: break_glass.Session | None = None
+    async with backends.session(ctx, write=reason is not None) as repo:
+        if cached is None:
+            bundle = await patient_summary(repo, ctx.base, patient_id, encounters)  # 404 before glass breaks
+            entries: list[Any] = bundle["entry"]
+            local = fhirjson.dumps(entries)
+        else:
+            repo.patients.add(patient_id)
+            local = cached
+            entries = []
+        others = await linked_records(repo, ctx, patient_id)
+        if reason is not None:
+            btg = await break_glass.engage(
+                repo, ctx.principal, patient_id, reason, backends.settings.btg_minutes, backends.settings.btg_roles
+            )
+        elif others:  # an open session matters only where there is something to share
+            btg = await break_glass.open_session(repo, ctx.principal, patient_id)
+    if cached is None:
+        await backends.cache.set(key, local, backends.settings.summary_ttl)
+    linked = await linked_summary_entries(backends, ctx, others, encounters, btg) if others else []
+    out: dict[str, Any] = {"resourceType": "Bundle", "type": "collection", "timestamp": instant(datetime.now(UTC))}
+    if btg is not None:
+        out["meta"] = {"security": [break_glass.LABEL]}
+    if linked:
+        out["entry"] = [*(entries or orjson.loads(local)), *linked]
+    else:
+        out["entry"] = orjson.Fragment(local)
+    return Result(200, out)

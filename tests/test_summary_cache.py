@@ -1,0 +1,66 @@
+"""The summary cache: served from cache until a change in the patient's compartment, then fresh —
+through the outbox, the relay and the invalidation handler, as the embedded default runs them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+
+from gateway.app import create_app
+from gateway.summary_service import cache_key
+from tests.conftest import token_for
+from tests.helpers import create, observation, patient
+
+
+@pytest.fixture(scope="module")
+async def inline_app(backend: str, settings_for: Any, request: pytest.FixtureRequest) -> AsyncIterator[Starlette]:
+    extra = {"relay_database_url": request.getfixturevalue("postgres_relay_url")} if backend == "postgresql" else {}
+    application = create_app(settings_for(backend, relay="inline", **extra))
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+async def test_write_invalidates_the_cached_summary(inline_app: Starlette, facility: str) -> None:
+    backends = inline_app.state.backends
+    token = token_for(backends.settings, [facility], roles=["clinician"])
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=inline_app),
+        base_url="http://t/fhir/r5",
+        headers={"X-Facility-Id": facility, "Authorization": f"Bearer {token}"},
+    ) as c:
+        pid = (await create(c, patient()))["id"]
+        other = (await create(c, patient("Other")))["id"]
+        await create(c, observation(pid, code="8867-4", value=70))
+        for who in (pid, other):
+            await asyncio.sleep(0.2)  # let the relay drain the writes
+            assert (await c.get(f"/Patient/{who}/summary")).status_code == 200
+        keys = {who: await _key(inline_app, facility, token, who) for who in (pid, other)}
+        assert await backends.cache.get(keys[pid]) is not None, "the first read filled the cache"
+        assert await backends.cache.get(keys[other]) is not None
+        await create(c, observation(pid, code="8310-5", value=37.5))
+        for _ in range(100):  # the relay publishes, the in-process handler invalidates
+            if await backends.cache.get(keys[pid]) is None:
+                break
+            await asyncio.sleep(0.05)
+        assert await backends.cache.get(keys[pid]) is None, "the change dropped that patient's summary"
+        assert await backends.cache.get(keys[other]) is not None, "and no one else's"
+        codes = {
+            e["resource"]["code"]["coding"][0]["code"]
+            for e in (await c.get(f"/Patient/{pid}/summary")).json()["entry"]
+            if e["resource"]["resourceType"] == "Observation"
+        }
+        assert codes == {"8867-4", "8310-5"}, "the new data is served"
+
+
+async def _key(app: Starlette, facility: str, token: str, patient_id: str) -> str:
+    from gateway.context import RequestContext
+    from gateway.security.policy import policy_for
+
+    principal = app.state.backends.verifier.verify(token)
+    ctx = RequestContext(facility=facility, base="", policy=policy_for(principal), principal=principal)
+    return cache_key(ctx, patient_id, 5)
