@@ -118,9 +118,9 @@ SCENARIOS: Final[dict[str, Scenario]] = {
         Scenario(
             "summary",
             "summary.js",
-            "summary (no cache yet)",
-            "GET /Patient/{id}/summary?encounters=5, uniform patients over every facility; there is no "
-            "cache yet, so this is neither warm nor cold (the split comes with the cache)",
+            "summary (cache filling)",
+            "GET /Patient/{id}/summary?encounters=5, uniform patients over every facility; the summary cache "
+            "fills during the run (first read of a patient cold, then warm until a change)",
         ),
         Scenario(
             "observations",

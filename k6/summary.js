@@ -1,6 +1,6 @@
 // REST patient summary: GET /fhir/r5/Patient/{id}/summary?encounters=N for a uniformly chosen
-// patient of any facility. There is no cache yet, so this is neither "warm" nor "cold": the
-// warm/cold split arrives with the cache (the bench labels the row "summary (no cache yet)").
+// patient of any facility. The summary cache fills during the run (first read of a patient cold,
+// later reads warm); the bench labels the row "summary (cache filling)".
 import http from 'k6/http';
 import { check } from 'k6';
 import { config, readParams, thresholds, uniformPatient, SUMMARY_TREND_STATS } from './lib.js';
