@@ -48,7 +48,7 @@ def test_bench_smoke_embedded(tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 0, f"bench failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    assert "summary (no cache yet)" in proc.stdout and "hello-world (ceiling)" in proc.stdout  # the table
+    assert "summary (cache filling)" in proc.stdout and "hello-world (ceiling)" in proc.stdout  # the table
 
     report = json.loads(out.read_text())
     assert report["schema"] == bench.JSON_SCHEMA_VERSION
