@@ -138,21 +138,9 @@ async def engage(
     now = datetime.now(UTC)
     await sweep(repo, now)
     await repo.lock(f"btg|{patient_id}|{principal.subject}")
-    row = (
-        await repo.conn.execute(
-            select(btg_sessions)
-            .where(
-                btg_sessions.c.facility == bindparam("f"),
-                btg_sessions.c.patient_id == bindparam("p"),
-                btg_sessions.c.subject == bindparam("s"),
-                btg_sessions.c.expires_at > bindparam("now"),
-            )
-            .limit(1),
-            {"f": repo.facility, "p": patient_id, "s": principal.subject, "now": now},
-        )
-    ).first()
-    if row is not None:
-        return Session.from_row(row)
+    existing = await open_session(repo, principal, patient_id)
+    if existing is not None:
+        return existing
     session = Session(
         repo.facility,
         str(uuid.uuid4()),
