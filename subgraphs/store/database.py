@@ -78,6 +78,7 @@ class InlineConnection:
 
 
 MIN_SQLITE = (3, 45, 0)
+_POOL, _OVERFLOW = 8, 8
 
 
 def sqlite_module() -> Any:
@@ -109,26 +110,30 @@ class SqliteDatabase:
             f"sqlite:///{path}",
             module=sqlite_module(),
             connect_args={"timeout": 30, "check_same_thread": False},
-            pool_size=8,
-            max_overflow=8,
+            pool_size=_POOL,
+            max_overflow=_OVERFLOW,
         )
         _configure_sqlite(self.engine)
         self._write_lock = asyncio.Lock()
+        # Connections are taken synchronously on the event loop: never ask the pool for more than it
+        # has, or the loop blocks in the pool's wait while the holders cannot run to give one back.
+        self._slots = asyncio.Semaphore(_POOL + _OVERFLOW)
 
     @asynccontextmanager
     async def transaction(self, *, write: bool, facility: str | None = None) -> AsyncIterator[SqlConnection]:
         """``facility`` is not used: SQLite has no row-level security; the predicates do it."""
         if write:
-            async with self._write_lock:
+            async with self._write_lock, self._slots:
                 with self.engine.connect() as conn:
                     conn.info["immediate"] = True
                     with conn.begin():
                         yield InlineConnection(conn)
         else:
-            with self.engine.connect() as conn:
-                conn.info["immediate"] = False
-                with conn.begin():
-                    yield InlineConnection(conn)
+            async with self._slots:
+                with self.engine.connect() as conn:
+                    conn.info["immediate"] = False
+                    with conn.begin():
+                        yield InlineConnection(conn)
 
     async def lock(self, conn: SqlConnection, key: str) -> None:
         """Nothing to do: every SQLite writer already holds the one write lock."""
