@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, bindparam, exists, func, literal, select
+from sqlalchemy import ColumnElement, and_, bindparam, func, literal, select
 
 from subgraphs.store import statements
 from subgraphs.store.params import PATIENT_PARAM
@@ -31,7 +31,7 @@ from subgraphs.store.records import StoredResource
 from subgraphs.store.repository import ResourceRepository
 from subgraphs.store.schema import idx_date, idx_reference, idx_token, resources
 from subgraphs.store.search import SearchQuery, criteria_sql, query_params, query_shape
-from subgraphs.store.statements import COLUMNS, PolicyShapes, visible
+from subgraphs.store.statements import COLUMNS, PolicyShapes, summary_filters, visible
 
 EXCLUDED_STATUS = ("entered-in-error", "cancelled")
 _FAR_PAST = datetime(1, 1, 1, tzinfo=UTC)
@@ -172,23 +172,9 @@ def _latest_per_code(policy: PolicyShapes) -> Any:
     ``:categories`` without a ``:bad_status`` — as :func:`subgraphs.store.statements.latest_per_code`,
     partitioned by patient as well."""
     t, d = idx_token, idx_date
-    ref, cat, st = idx_reference.alias("pat"), t.alias("cat"), t.alias("st")
-    in_category = exists().where(
-        cat.c.facility == t.c.facility,
-        cat.c.type == t.c.type,
-        cat.c.id == t.c.id,
-        cat.c.param == "category",
-        cat.c.code.in_(bindparam("categories", expanding=True)),
-    )
-    bad_status = exists().where(
-        st.c.facility == t.c.facility,
-        st.c.type == t.c.type,
-        st.c.id == t.c.id,
-        st.c.param == "status",
-        st.c.code.in_(bindparam("bad_status", expanding=True)),
-    )
+    ref = idx_reference.alias("pat")
     conditions = [t.c.facility == bindparam("facility"), t.c.type == bindparam("type"), t.c.param == "code"]
-    conditions += [in_category, ~bad_status]
+    conditions += summary_filters(t)
     if policy is not None:
         conditions.append(t.c.id.in_(select(resources.c.id).where(*_current(policy))))
     ranked = (

@@ -366,18 +366,9 @@ def reindex_batch(by_type: bool, paged: bool) -> Any:
     return stmt.order_by(resources.c.type, resources.c.id).limit(bindparam("limit"))
 
 
-@lru_cache(maxsize=64)
-def latest_per_code(policy: PolicyShapes) -> Any:
-    """Newest row of each code (window over the date index) in one patient's compartment, among
-    the rows the policy lets the caller see."""
-    t, d = idx_token, idx_date
-    in_patient = select(idx_reference.c.id).where(
-        idx_reference.c.facility == bindparam("facility"),
-        idx_reference.c.type == bindparam("type"),
-        idx_reference.c.param == PATIENT_PARAM,
-        idx_reference.c.target_type == "Patient",
-        idx_reference.c.target_id == bindparam("patient"),
-    )
+def summary_filters(t: Any) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
+    """For token-index rows ``t``: the resource has a category in ``:categories``, and no status in
+    ``:bad_status`` — the row filters of "latest per code" (REST summary and GraphQL alike)."""
     cat, st = t.alias("cat"), t.alias("st")
     in_category = exists().where(
         cat.c.facility == t.c.facility,
@@ -393,6 +384,22 @@ def latest_per_code(policy: PolicyShapes) -> Any:
         st.c.param == "status",
         st.c.code.in_(bindparam("bad_status", expanding=True)),
     )
+    return in_category, ~bad_status
+
+
+@lru_cache(maxsize=64)
+def latest_per_code(policy: PolicyShapes) -> Any:
+    """Newest row of each code (window over the date index) in one patient's compartment, among
+    the rows the policy lets the caller see."""
+    t, d = idx_token, idx_date
+    in_patient = select(idx_reference.c.id).where(
+        idx_reference.c.facility == bindparam("facility"),
+        idx_reference.c.type == bindparam("type"),
+        idx_reference.c.param == PATIENT_PARAM,
+        idx_reference.c.target_type == "Patient",
+        idx_reference.c.target_id == bindparam("patient"),
+    )
+    in_category, ok_status = summary_filters(t)
     conditions = [
         t.c.facility == bindparam("facility"),
         t.c.type == bindparam("type"),
@@ -400,7 +407,7 @@ def latest_per_code(policy: PolicyShapes) -> Any:
         t.c.code.is_not(None),  # text-only codes (CodeableConcept.text) are no group of their own
         t.c.id.in_(in_patient),
         in_category,
-        ~bad_status,
+        ok_status,
     ]
     if policy is not None:
         allowed = select(resources.c.id).where(*_current((), policy))
