@@ -13,11 +13,16 @@ import argparse
 import asyncio
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
+
+    from .backends import Backends
+
+T = TypeVar("T")
 
 DEMO_PATIENTS = 40
 DEMO_FACILITIES = 2
@@ -44,6 +49,29 @@ def _progress_bar(total: int | None, unit: str) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, unit=unit, file=sys.stderr, dynamic_ncols=True, disable=None)
+
+
+def _with_backends(args: argparse.Namespace, command: str, work: Callable[[Backends], Awaitable[T]]) -> T:
+    """Run ``work`` over this install's backends (``--data-dir`` if given), closing them after;
+    a client-visible failure ends the command with its message, not a traceback."""
+    from subgraphs.store.errors import FhirError
+
+    from .backends import open_backends
+
+    data_dir = getattr(args, "data_dir", None)
+    settings = _settings(**({"data_dir": data_dir} if data_dir else {}))
+
+    async def run() -> T:
+        backends = await open_backends(settings)
+        try:
+            return await work(backends)
+        finally:
+            await backends.close()
+
+    try:
+        return asyncio.run(run())
+    except FhirError as exc:
+        sys.exit(f"unihealth {command}: {exc.diagnostics}")
 
 
 async def _load_demo(app: Starlette) -> None:
@@ -123,38 +151,25 @@ def cmd_demo_data(args: argparse.Namespace) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> None:
-    from subgraphs.store.errors import FhirError
-
-    from .backends import open_backends
     from .importer import import_file
 
-    settings = _settings(**({"data_dir": args.data_dir} if args.data_dir else {}))
-
-    async def run() -> int:
-        backends = await open_backends(settings)
+    async def work(backends: Backends) -> int:
         total = 0
-        try:
-            for name in args.files:
-                bar = _progress_bar(None, "res")
-                try:
-                    total += await import_file(
-                        backends,
-                        Path(name),
-                        default_facility=args.facility,
-                        batch_size=args.batch_size,
-                        progress=bar.update,
-                    )
-                finally:
-                    bar.close()
-        finally:
-            await backends.close()
+        for name in args.files:
+            bar = _progress_bar(None, "res")
+            try:
+                total += await import_file(
+                    backends,
+                    Path(name),
+                    default_facility=args.facility,
+                    batch_size=args.batch_size,
+                    progress=bar.update,
+                )
+            finally:
+                bar.close()
         return total
 
-    try:
-        total = asyncio.run(run())
-    except FhirError as exc:
-        sys.exit(f"unihealth import: {exc.diagnostics}")
-    print(f"imported {total} resources")
+    print(f"imported {_with_backends(args, 'import', work)} resources")
 
 
 def cmd_token(args: argparse.Namespace) -> None:
@@ -220,67 +235,42 @@ def cmd_btg(args: argparse.Namespace) -> None:
     """List break-the-glass sessions (recording stops of expired ones) or mark one reviewed."""
     import json
 
-    from .backends import open_backends
     from .security import break_glass
 
-    settings = _settings(**({"data_dir": args.data_dir} if args.data_dir else {}))
+    async def work(backends: Backends) -> list[dict[str, object]]:
+        async with backends.repository(args.facility, write=True) as repo:
+            await break_glass.sweep(repo)
+            if args.btg_command == "review":
+                return [(await break_glass.review(repo, args.id, args.by, args.note)).json()]
+            return [s.json() for s in await break_glass.sessions(repo, open_only=args.open)]
 
-    async def run() -> list[dict[str, object]]:
-        backends = await open_backends(settings)
-        try:
-            async with backends.repository(args.facility, write=True) as repo:
-                await break_glass.sweep(repo)
-                if args.btg_command == "review":
-                    return [(await break_glass.review(repo, args.id, args.by, args.note)).json()]
-                return [s.json() for s in await break_glass.sessions(repo, open_only=args.open)]
-        finally:
-            await backends.close()
-
-    from subgraphs.store.errors import FhirError
-
-    try:
-        print(json.dumps(asyncio.run(run()), indent=2))
-    except FhirError as exc:
-        sys.exit(f"unihealth btg: {exc.diagnostics}")
+    print(json.dumps(_with_backends(args, "btg", work), indent=2))
 
 
 def cmd_reindex(args: argparse.Namespace) -> None:
     """Re-extract the search index of stored resources (after new search parameters)."""
     from subgraphs.store import engine
 
-    from .backends import open_backends
-
-    settings = _settings(**({"data_dir": args.data_dir} if args.data_dir else {}))
-
-    async def run() -> int:
-        backends = await open_backends(settings)
+    async def work(backends: Backends) -> int:
         total = 0
-        try:
-            for facility in args.facility:
-                after = None
-                while True:  # bounded transactions
-                    async with backends.repository(facility, write=True) as repo:
-                        count, after = await engine.reindex_step(repo, args.type, after=after, limit=500)
-                    total += count
-                    if after is None:
-                        break
-        finally:
-            await backends.close()
+        for facility in args.facility:
+            after = None
+            while True:  # bounded transactions
+                async with backends.repository(facility, write=True) as repo:
+                    count, after = await engine.reindex_step(repo, args.type, after=after, limit=500)
+                total += count
+                if after is None:
+                    break
         return total
 
-    print(f"reindexed {asyncio.run(run())} resources")
+    print(f"reindexed {_with_backends(args, 'reindex', work)} resources")
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:
-    from .backends import open_backends
+    async def work(backends: Backends) -> None:
+        """Opening the backends brings the schema up to date."""
 
-    settings = _settings()
-
-    async def run() -> None:
-        backends = await open_backends(settings)
-        await backends.close()
-
-    asyncio.run(run())
+    _with_backends(args, "migrate", work)
     print("schema is up to date")
 
 
