@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from subgraphs.store.database import Database, open_database
@@ -199,13 +200,20 @@ async def _wait_for_broker(options: WorkerOptions, limit: float = 120.0) -> None
             delay = min(5.0, delay * 2)
 
 
-def build_app(options: WorkerOptions, services: Services, loop: asyncio.AbstractEventLoop) -> Any:
-    """The Faust app: one agent per enabled processor (see the module docstring)."""
+def build_app(
+    options: WorkerOptions, services: Services, loop: asyncio.AbstractEventLoop, data_dir: Path
+) -> Any:
+    """The Faust app: one agent per enabled processor (see the module docstring). Faust's own
+    files (it keeps none with the memory store, but creates the directory) go under
+    ``data_dir/faust/<group id>``, never into the working directory."""
     import faust
 
+    datadir = data_dir / "faust" / options.group_id
+    datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         options.group_id,
         broker=f"kafka://{options.bootstrap}",
+        datadir=str(datadir),
         loop=loop,
         autodiscover=False,
         web_enabled=False,
@@ -252,7 +260,7 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
         await app.producer.send_and_wait(message.topic, message.key, message.value, None, None, None)
 
     services = build_services(settings, options, publish)
-    app = build_app(options, services, loop)
+    app = build_app(options, services, loop, Path(settings.data_dir))
     lag = LagMonitor(options.bootstrap, options.group_id, options.consumed(), interval=options.lag_interval)
 
     class Resources(Service):
