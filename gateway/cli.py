@@ -153,6 +153,10 @@ def cmd_demo_data(args: argparse.Namespace) -> None:
 def cmd_import(args: argparse.Namespace) -> None:
     from .importer import import_file
 
+    unreadable = [name for name in args.files if not Path(name).is_file()]
+    if unreadable:
+        sys.exit(f"unihealth import: no such file: {', '.join(unreadable)}")
+
     async def work(backends: Backends) -> int:
         total = 0
         for name in args.files:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import func, select
@@ -91,3 +92,14 @@ async def test_import_demo_data_and_read_summary(app: Starlette, tmp_path: Path)
         assert r.status_code == 200
         types = [e["resource"]["resourceType"] for e in r.json()["entry"]]
         assert types[0] == "Patient" and "Observation" in types and "Encounter" in types
+
+
+def test_import_of_a_missing_file_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``unihealth import`` names the missing file and exits non-zero, without a traceback and
+    before opening (or creating) any database."""
+    from gateway.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["import", "--data-dir", str(tmp_path), str(tmp_path / "absent.ndjson")])
+    assert exited.value.code == f"unihealth import: no such file: {tmp_path / 'absent.ndjson'}"
+    assert not any(tmp_path.iterdir()), "nothing was created"
