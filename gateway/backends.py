@@ -96,7 +96,9 @@ class Backends:
 
 async def open_backends(settings: Settings) -> Backends:
     """Connect to the configured database and bring its schema up to date."""
-    db = open_database(settings.database_url, migration_url=settings.migration_database_url)
+    db = open_database(
+        settings.database_url, migration_url=settings.migration_database_url, keyring=settings.payload_keys
+    )
     await db.create_schema()
     if db.dialect == "sqlite":
         await db.analyze()  # SQLite plans badly without statistics; bounded by analysis_limit

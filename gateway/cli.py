@@ -218,7 +218,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> None:
     settings = _settings(**({"data_dir": args.data_dir} if args.data_dir else {}))
 
     async def run() -> list[audit_chain.Verdict]:
-        db = open_database(settings.database_url)
+        db = open_database(settings.database_url, keyring=settings.payload_keys)
         try:
             names = args.facility or await audit_chain.facilities(db)
             return [await audit_chain.verify(db, f) for f in names]
@@ -268,6 +268,23 @@ def cmd_reindex(args: argparse.Namespace) -> None:
         return total
 
     print(f"reindexed {_with_backends(args, 'reindex', work)} resources")
+
+
+def cmd_reencrypt(args: argparse.Namespace) -> None:
+    """Seal every payload of the facilities with their active key (after a key rotation)."""
+    from subgraphs.store.reencrypt import reencrypt
+
+    async def work(backends: Backends) -> list[str]:
+        keyring = backends.settings.payload_keys
+        if keyring is None:
+            sys.exit("unihealth reencrypt: UNIHEALTH_PAYLOAD_KEYS is not set")
+        lines = []
+        for facility in args.facility:
+            done = await reencrypt(backends.db, keyring, facility)
+            lines.append(f"{facility}: {done.current} current and {done.history} history payloads rewritten")
+        return lines
+
+    print("\n".join(_with_backends(args, "reencrypt", work)))
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:
@@ -367,6 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     migrate = sub.add_parser("migrate", help="create or upgrade the database schema")
     migrate.set_defaults(func=cmd_migrate)
+
+    reencrypt = sub.add_parser(
+        "reencrypt", help="rewrite a facility's stored payloads with its active key (UNIHEALTH_PAYLOAD_KEYS)"
+    )
+    reencrypt.add_argument("--facility", action="append", required=True, help="repeat for several facilities")
+    reencrypt.add_argument("--data-dir", default=None)
+    reencrypt.set_defaults(func=cmd_reencrypt)
     return parser
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from subgraphs.store.crypto import Keyring, KeyringError, load_keyring
+
 Profile = Literal["embedded", "production"]
 
 
@@ -35,6 +37,7 @@ class Settings:
     max_page_size: int = 1000
     secret_key: bytes = b""
     national_id_system: str = "https://unihealth.dev/fhir/sid/national-id"
+    payload_keys: Keyring | None = None  # UNIHEALTH_PAYLOAD_KEYS: encrypt payloads per facility
     base_url: str = ""
     jwt_issuer: str = "https://unihealth.local"
     jwt_audience: str = "unihealth"
@@ -120,6 +123,20 @@ def _generated(path: Path) -> bytes:
     return key
 
 
+def _payload_keys(env: Mapping[str, str], overrides: Mapping[str, object]) -> Keyring | None:
+    """The keyring of ``UNIHEALTH_PAYLOAD_KEYS`` (a JSON file, see :mod:`subgraphs.store.crypto`)."""
+    given = overrides.get("payload_keys")
+    if isinstance(given, Keyring):
+        return given
+    path = str(given or env.get("UNIHEALTH_PAYLOAD_KEYS", ""))
+    if not path:
+        return None
+    try:
+        return load_keyring(path)
+    except KeyringError as exc:
+        raise SettingsError(f"UNIHEALTH_PAYLOAD_KEYS: {exc}") from None
+
+
 def _choice(
     env: Mapping[str, str], overrides: Mapping[str, object], key: str, name: str, allowed: tuple[str, ...]
 ) -> str:
@@ -170,6 +187,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         max_page_size=_int(env, "UNIHEALTH_MAX_PAGE_SIZE", 1000, 1, 10000),
         secret_key=secret if isinstance(secret, bytes) else _secret_key(env, data_dir, profile),
         national_id_system=env.get("UNIHEALTH_NATIONAL_ID_SYSTEM", "https://unihealth.dev/fhir/sid/national-id"),
+        payload_keys=_payload_keys(env, overrides),
         base_url=str(overrides.get("base_url") or env.get("UNIHEALTH_BASE_URL", "")).rstrip("/"),
         jwt_issuer=env.get("UNIHEALTH_JWT_ISSUER", "https://unihealth.local"),
         jwt_audience=env.get("UNIHEALTH_JWT_AUDIENCE", "unihealth"),

@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import bindparam, insert, select
 
+from subgraphs.store.crypto import reveal
 from subgraphs.store.database import Database, SqlConnection
 from subgraphs.store.schema import audit_log, resources
 
@@ -127,7 +128,7 @@ async def verify(db: Database, facility: str) -> Verdict:
             ),
             {"f": facility},
         )
-        sealed = {r.id for r in stored if r.content is not None and SEALED_TAG in r.content}
+        sealed = {r.id for r in stored if r.content is not None and SEALED_TAG in reveal("AuditEvent", r.id, r.content)}
         missing = sorted(sealed - chained)
         if missing:
             return Verdict(

@@ -136,7 +136,7 @@ def build_services(settings: Settings, options: WorkerOptions, publish: Any) -> 
     unknown = options.agents - set(AGENTS)
     if unknown:
         raise ValueError(f"unknown agents {sorted(unknown)}; choose from {', '.join(AGENTS)}")
-    db = open_database(settings.database_url, pool_size=4)
+    db = open_database(settings.database_url, pool_size=4, keyring=settings.payload_keys)
     cache: Cache | None = None
     handlers: dict[str, Handler] = {}
     if "audit" in options.agents:
@@ -200,9 +200,7 @@ async def _wait_for_broker(options: WorkerOptions, limit: float = 120.0) -> None
             delay = min(5.0, delay * 2)
 
 
-def build_app(
-    options: WorkerOptions, services: Services, loop: asyncio.AbstractEventLoop, data_dir: Path
-) -> Any:
+def build_app(options: WorkerOptions, services: Services, loop: asyncio.AbstractEventLoop, data_dir: Path) -> Any:
     """The Faust app: one agent per enabled processor (see the module docstring). Faust's own
     files (it keeps none with the memory store, but creates the directory) go under
     ``data_dir/faust/<group id>``, never into the working directory."""

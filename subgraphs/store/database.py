@@ -29,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.base import Executable
 
+from .crypto import Keyring, register
 from .schema import metadata
 
 Dialect = Literal["sqlite", "postgresql"]
@@ -44,6 +45,7 @@ class SqlConnection(Protocol):
 class Database(Protocol):
     dialect: Dialect
     url: str
+    keyring: Keyring | None  # seals resource payloads on write (None: plaintext)
 
     def transaction(
         self, *, write: bool, facility: str | None = None
@@ -58,13 +60,23 @@ class Database(Protocol):
     async def dispose(self) -> None: ...
 
 
-def open_database(url: str, *, pool_size: int = 10, migration_url: str = "") -> Database:
+def open_database(
+    url: str, *, pool_size: int = 10, migration_url: str = "", keyring: Keyring | None = None
+) -> Database:
     """The database named by ``url`` (``sqlite+aiosqlite:///file`` or ``sqlite:///file``, or
     ``postgresql+asyncpg://...``); connects lazily. ``migration_url`` (PostgreSQL): the schema
-    owner's connection for migrations, when the runtime role may not run DDL."""
+    owner's connection for migrations, when the runtime role may not run DDL. ``keyring``: resource
+    payloads written through this database are sealed per facility (:mod:`.crypto`), and its keys
+    are registered for reading sealed payloads in this process."""
+    db: Database
     if url.startswith("sqlite"):
-        return SqliteDatabase(url)
-    return PostgresDatabase(url, pool_size=pool_size, migration_url=migration_url)
+        db = SqliteDatabase(url)
+    else:
+        db = PostgresDatabase(url, pool_size=pool_size, migration_url=migration_url)
+    if keyring is not None:
+        register(keyring)
+        db.keyring = keyring
+    return db
 
 
 class InlineConnection:
@@ -100,6 +112,7 @@ def sqlite_module() -> Any:
 
 class SqliteDatabase:
     dialect: Dialect = "sqlite"
+    keyring: Keyring | None = None
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -154,6 +167,7 @@ class SqliteDatabase:
 
 class PostgresDatabase:
     dialect: Dialect = "postgresql"
+    keyring: Keyring | None = None
 
     def __init__(self, url: str, *, pool_size: int = 10, migration_url: str = "") -> None:
         self.url = url

@@ -34,6 +34,7 @@ from sqlalchemy import delete, insert
 
 from . import fhirjson
 from . import statements as sql
+from .crypto import reveal
 from .dates import as_utc
 from .errors import FhirError, bad_request
 from .extract import index_rows
@@ -415,7 +416,7 @@ async def _rewrite_index(repo: ResourceRepository, rows: Sequence[Any]) -> None:
     new: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         by_type[row.type].append(row.id)
-        doc = fhirjson.loads(row.content)
+        doc = fhirjson.loads(reveal(row.type, row.id, row.content))
         for kind, index in index_rows(doc, resource_type=row.type).items():
             new[kind] += [{"facility": repo.facility, "type": row.type, "id": row.id, **r} for r in index]
     for table in INDEX_TABLES.values():

@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from . import fhirjson
+from .crypto import reveal
 from .dates import as_utc, instant
 from .errors import FhirError, bad_request
 from .validation import SUPPORTED_TYPES
@@ -37,7 +38,8 @@ class StoredResource:
 
     @classmethod
     def from_row(cls, row: Any) -> StoredResource:
-        return cls(row.type, row.id, row.version, as_utc(row.last_updated), bool(row.deleted), row.content)
+        content = None if row.content is None else reveal(row.type, row.id, row.content)
+        return cls(row.type, row.id, row.version, as_utc(row.last_updated), bool(row.deleted), content)
 
     def json(self) -> dict[str, Any]:
         assert self.content is not None, "a deleted version has no content"

@@ -233,7 +233,7 @@ class ResourceRepository:
             await self._check_before(changes, current, letters)
         gone = await writes.deleted_patients(self.conn, self.facility, changes)
         plan = writes.plan(self.facility, changes, current, datetime.now(UTC), gone)
-        await writes.apply(self.conn, self.facility, plan)
+        await writes.apply(self.conn, self.facility, plan, self.db.keyring)
         if not self.policy.everything:
             await self._check_after(changes, letters)
         self.touched.extend(keys)

@@ -12,13 +12,14 @@ from __future__ import annotations
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, bindparam, delete, insert, select, update
 
 from . import fhirjson
+from .crypto import Keyring
 from .database import SqlConnection
 from .errors import conflict_version
 from .extract import index_rows
@@ -141,7 +142,11 @@ def plan(
     return out
 
 
-async def apply(conn: SqlConnection, facility: str, p: WritePlan) -> None:
+async def apply(conn: SqlConnection, facility: str, p: WritePlan, keyring: Keyring | None = None) -> None:
+    """Write the plan in ``conn``'s transaction; with a ``keyring``, payloads are stored sealed
+    with the facility's key (:mod:`.crypto`; the plan's ``stored`` keep the plaintext)."""
+    if keyring is not None:
+        p = _sealed(keyring, facility, p)
     if p.inserts:
         await conn.execute(insert(resources), p.inserts)
     if p.updates:
@@ -192,6 +197,20 @@ async def apply(conn: SqlConnection, facility: str, p: WritePlan) -> None:
         if rows:
             await conn.execute(insert(INDEX_TABLES[kind]), rows)
     await conn.execute(insert(outbox), p.events)
+
+
+def _sealed(keyring: Keyring, facility: str, p: WritePlan) -> WritePlan:
+    def seal(row: dict[str, Any]) -> dict[str, Any]:
+        if row["content"] is None:
+            return row
+        return {**row, "content": keyring.seal(facility, row["type"], row["id"], row["content"])}
+
+    return replace(
+        p,
+        inserts=[seal(r) for r in p.inserts],
+        updates=[seal(r) for r in p.updates],
+        history=[seal(r) for r in p.history],
+    )
 
 
 def chunks(items: list[str], size: int) -> Iterable[list[str]]:
