@@ -163,7 +163,12 @@ async def settle(backends: Backends) -> None:
 
 
 async def ask(
-    app: Starlette, token: str | None, facility: str, variables: dict[str, Any], request_id: str = ""
+    app: Starlette,
+    token: str | None,
+    facility: str,
+    variables: dict[str, Any],
+    request_id: str = "",
+    query: str = SUMMARY,
 ) -> dict[str, Any]:
     headers = {"X-Facility-Id": facility, "Content-Type": "application/json"}
     if token:
@@ -171,7 +176,7 @@ async def ask(
     if request_id:
         headers["X-Request-Id"] = request_id
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=60) as c:
-        r = await c.post("/graphql", json={"query": SUMMARY, "variables": variables}, headers=headers)
+        r = await c.post("/graphql", json={"query": query, "variables": variables}, headers=headers)
     assert r.status_code == 200, r.text
     body: dict[str, Any] = r.json()
     return body
@@ -261,6 +266,33 @@ async def test_another_access_level_or_facility_never_gets_the_cached_answer(
     anonymous = await ask(edge_app, None, facility, {"id": pid})
     assert anonymous["data"] == {"patient": None} and "errors" in anonymous, "no token: refused by the subgraphs"
     assert counted.sent > asked + 1, "neither was answered from the cache"
+
+
+NOT_CACHED = {
+    "several patients": "{ patients(first: 5) { nodes { id name { family } } } }",
+    "two roots": "query($id: ID!) { a: patient(id: $id) { id } b: patient(id: $id) { name { family } } }",
+    "a resource outside the compartment": (
+        "query($id: ID!) { patient(id: $id) { id medicationRequests { id medicationReference { id } } } }"
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOT_CACHED))
+async def test_only_one_patients_compartment_is_cached(
+    edge_app: Starlette, counted: Counting, rest: httpx.AsyncClient, facility: str, case: str
+) -> None:
+    """What a change to that one patient does not invalidate is never cached: ward pages (their
+    members change with other patients' writes), several roots, a Medication (reference data)."""
+    backends = edge_app.state.backends
+    pid = await chart(rest, backends)
+    token = token_for(backends.settings, [facility], roles=["clinician"])
+    query = NOT_CACHED[case]
+    variables = {"id": pid} if "$id" in query else {}
+    first = await ask(edge_app, token, facility, variables, query=query)
+    asked = counted.sent
+    assert "errors" not in first and asked > 0
+    assert await ask(edge_app, token, facility, variables, query=query) == first
+    assert counted.sent > asked, f"{case}: asked the subgraphs again"
 
 
 async def test_a_write_to_the_patient_invalidates_and_the_next_answer_is_fresh(
