@@ -3,7 +3,7 @@
 Contract: :func:`summary` returns the summary Bundle of :mod:`gateway.summary` for the caller,
 plus what other facilities share (:mod:`gateway.linked`), labelled ``BTG`` while a
 break-the-glass session is open. The local part is cached per (facility, patient, encounter count,
-caller access level) for ``settings.summary_ttl`` seconds under ``facility|summary|patient|...``,
+caller access level, base URL) for ``settings.summary_ttl`` seconds under ``facility|summary|patient|...``,
 which every change in the patient's compartment drops (:mod:`streams.invalidation`); linked
 records are never cached (they depend on other facilities' data and consents). A cached summary
 is still audited, with its patient, like a computed one. A summary computed while a change to the
@@ -13,6 +13,7 @@ read before the transaction opens and the store is conditional on it (``streams.
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,7 +33,11 @@ from .summary import patient_summary
 
 
 def cache_key(ctx: RequestContext, patient_id: str, encounters: int) -> str:
-    return f"{summary_prefix(ctx.facility, patient_id)}{encounters}|{access_level(ctx.policy)}"
+    """``facility|summary|patient|encounters|access level|base``: the entries carry ``fullUrl``s
+    built from the request's base URL (its Host unless UNIHEALTH_BASE_URL is set), so a summary
+    cached for one base is never served under another."""
+    base = hashlib.sha256(ctx.base.encode()).hexdigest()[:12]
+    return f"{summary_prefix(ctx.facility, patient_id)}{encounters}|{access_level(ctx.policy)}|{base}"
 
 
 async def summary(

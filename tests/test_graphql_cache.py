@@ -423,7 +423,7 @@ async def test_an_answer_computed_across_an_invalidation_is_not_stored(
         backends.cache = real
     assert codes_of(answer) == {"8867-4", "2345-7"} and racing.invalidations == 2
     principal = backends.verifier.verify(token)
-    ctx = RequestContext(facility=facility, base="", policy=policy_for(principal), principal=principal)
+    ctx = RequestContext(facility=facility, base="http://t/fhir/r5", policy=policy_for(principal), principal=principal)
     assert await real.get(key_of(backends, token, facility, pid)) is None, "the GraphQL answer was not stored"
     assert await real.get(summary_cache_key(ctx, pid, 5)) is None, "nor the REST summary"
 
