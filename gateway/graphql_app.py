@@ -23,6 +23,11 @@ Contract:
 * ``Authorization``, ``X-Facility-Id`` and ``X-Request-Id`` reach every subgraph request; without
   an ``X-Request-Id`` the edge makes one, so the access records the subgraphs write for one
   operation share it, and returns it in the response's ``X-Request-Id``.
+* Response cache: with ``cache_ttl`` > 0 (``UNIHEALTH_GRAPHQL_CACHE_TTL``, default 60 s; an explicit
+  :class:`FederationSettings` has none unless it says so) and the edge's backends at hand,
+  :meth:`GraphQLEdge.start` gives the gateway a :class:`~gateway.graphql_cache.GraphQLCache` over
+  ``backends.cache`` (single-patient answers; see that module). A gateway without backends (HTTP
+  subgraphs in a process of its own) cannot verify callers or write access records, so it has none.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ class FederationSettings:
     timeout: float = 30.0
     graphiql: bool = False
     max_body_bytes: int = 10 * 1024 * 1024
+    cache_ttl: int = 0  # seconds; 0: no response cache (settings: UNIHEALTH_GRAPHQL_CACHE_TTL, default 60)
 
     @property
     def over_http(self) -> bool:
@@ -97,6 +103,7 @@ def federation_settings(settings: Settings) -> FederationSettings:
         timeout=float(getattr(settings, "graphql_timeout", 30.0)),
         graphiql=settings.profile == "embedded",
         max_body_bytes=settings.max_body_bytes,
+        cache_ttl=settings.graphql_cache_ttl,
     )
 
 
@@ -189,6 +196,10 @@ class GraphQLEdge:
         None (and logs) when subgraphs could not be reached, to be retried on the next request."""
         async with self._lock:
             if self.gateway is None:
+                if self.cache is None and backends is not None and self.config.cache_ttl > 0:
+                    from .graphql_cache import GraphQLCache
+
+                    self.cache = GraphQLCache(backends, self.config.cache_ttl)
                 try:
                     self.gateway = await build_gateway(self.config, backends, cache=self.cache)
                 except CompositionError as exc:

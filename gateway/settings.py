@@ -49,6 +49,7 @@ class Settings:
     relay_database_url: str = ""  # PostgreSQL: a role in unihealth_relay (sees every facility's outbox)
     cache_url: str = ""  # redis://host:port/db; empty: an in-process LRU cache
     summary_ttl: int = 60
+    graphql_cache_ttl: int = 60  # seconds a cached single-patient GraphQL answer lives; 0: no cache
     btg_minutes: int = 60
     btg_roles: tuple[str, ...] = ("clinician",)
     smart_token_endpoint: str = ""
@@ -199,6 +200,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         relay_database_url=str(overrides.get("relay_database_url") or env.get("UNIHEALTH_RELAY_DATABASE_URL", "")),
         cache_url=str(overrides.get("cache_url") or env.get("UNIHEALTH_CACHE_URL", "")),
         summary_ttl=_int(env, "UNIHEALTH_SUMMARY_TTL", 60, 1, 24 * 3600),
+        graphql_cache_ttl=_int(env, "UNIHEALTH_GRAPHQL_CACHE_TTL", 60, 0, 24 * 3600),
         btg_minutes=_int(env, "UNIHEALTH_BTG_MINUTES", 60, 1, 24 * 60),
         btg_roles=tuple(r.strip() for r in env.get("UNIHEALTH_BTG_ROLES", "clinician").split(",") if r.strip()),
         smart_token_endpoint=env.get("UNIHEALTH_SMART_TOKEN_ENDPOINT", ""),

@@ -14,7 +14,11 @@ Contract (:class:`Cache`):
 * ``delete(*keys)`` removes those entries; ``delete_prefix(prefix)`` removes every entry whose key
   starts with ``prefix``, where ``prefix`` is ``<facility>|`` followed by zero or more *whole*
   segments, each ending in ``|`` (``f|search|Observation|``). Both return how many live entries
-  they removed (Redis: how many keys existed).
+  they removed (Redis: how many keys existed); ``delete_prefix`` also ends that prefix's generation.
+* ``generation(prefix)`` → the prefix's current generation token (created if it has none);
+  ``set_if_current(key, value, ttl, prefix, token)`` stores like ``set`` and returns True only if
+  ``prefix`` (an ancestor of ``key``, else ValueError) still has generation ``token``; otherwise
+  it stores nothing and returns False (see Races below).
 * Every call is bounded (Redis: the client's socket timeouts); errors propagate to the caller
   (the invalidation agent retries, then dead-letters).
 
@@ -30,24 +34,43 @@ what was cached within one TTL. (The alternative, a version counter per prefix, 
 a single ``INCR`` but costs every ``get`` a second lookup and leaves dead entries in memory until
 their TTL; deleting is cheap enough here because one change touches a handful of tags.)
 
-Races: a reader that computed a value *before* a change and stores it *after* the change's
-invalidation leaves a stale entry until its TTL. Callers that cache must keep TTLs short or check
-the resource version they cached against the store (the federation work decides).
+Races (:meth:`Cache.generation`, :meth:`Cache.set_if_current`): a reader that computed a value
+*before* a change and stored it *after* the change's invalidation would leave a stale entry until
+its TTL. Readers that cache derived views close that window with the *generation* of the prefix
+the invalidation deletes: ``token = generation(prefix)`` BEFORE computing (before the transaction
+or subgraph request that reads the data), then ``set_if_current(key, value, ttl, prefix, token)``,
+which stores only if ``prefix`` is an ancestor of ``key`` and its generation is still ``token``.
+``delete_prefix(prefix)`` ends the prefix's generation in the same atomic step that deletes its
+entries (Redis: the same Lua script; the check-and-store is one script too), so: the change commits,
+then its event is invalidated (the generation ends), so any reader whose token predates the
+invalidation is refused, and any reader whose token follows it started reading after the commit
+and computed the new data. A generation is a random 128-bit token created on first read, kept
+:data:`GENERATION_TTL` seconds after its last read (or, in memory, while among the
+``max_entries`` most recent); one that expired or was evicted is simply absent, which refuses the
+store too (a lost store, never a stale one). Only ``delete_prefix`` of that exact prefix ends it:
+a store conditioned on ``f|graphql|p|`` is not protected against ``delete_prefix("f|")`` — the
+invalidation agent never deletes broader prefixes. Plain ``set`` keeps the old behaviour.
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections import OrderedDict
 from typing import Any, Protocol
 
 SEP = "|"
+GENERATION_TTL = 3600.0  # seconds a generation outlives its last read (far longer than any computation)
 
 
 class Cache(Protocol):
     async def get(self, key: str) -> bytes | None: ...
 
     async def set(self, key: str, value: bytes, ttl: float) -> None: ...
+
+    async def generation(self, prefix: str) -> str: ...
+
+    async def set_if_current(self, key: str, value: bytes, ttl: float, prefix: str, generation: str) -> bool: ...
 
     async def delete(self, *keys: str) -> int: ...
 
@@ -78,6 +101,15 @@ def ancestors(key: str) -> list[str]:
     return [SEP.join(parts[: i + 1]) + SEP for i in range(len(parts) - 1)]
 
 
+def _check_scope(key: str, prefix: str) -> None:
+    if check_prefix(prefix) not in ancestors(check_key(key)):
+        raise ValueError(f"{prefix[:120]!r} is not a prefix of the key {key[:120]!r}")
+
+
+def new_generation() -> str:
+    return secrets.token_hex(16)
+
+
 def _check_ttl(ttl: float) -> float:
     if not ttl > 0:
         raise ValueError("ttl must be a positive number of seconds")
@@ -97,6 +129,7 @@ class MemoryCache:
         self._clock = clock
         self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
         self._tags: dict[str, set[str]] = {}
+        self._generations: OrderedDict[str, tuple[float, str]] = OrderedDict()  # prefix -> (expires, token)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -122,6 +155,27 @@ class MemoryCache:
         while len(self._entries) > self.max_entries:
             self._forget(next(iter(self._entries)))
 
+    async def generation(self, prefix: str) -> str:
+        """The current generation token of ``prefix`` (a new one if it has none)."""
+        now = self._clock()
+        found = self._generations.get(check_prefix(prefix))
+        token = found[1] if found is not None and found[0] > now else new_generation()
+        self._generations[prefix] = (now + GENERATION_TTL, token)
+        self._generations.move_to_end(prefix)
+        while len(self._generations) > self.max_entries:
+            self._generations.popitem(last=False)  # evicted: its readers' stores are refused
+        return token
+
+    async def set_if_current(self, key: str, value: bytes, ttl: float, prefix: str, generation: str) -> bool:
+        """Store like :meth:`set` only if ``prefix``'s generation is still ``generation``."""
+        _check_scope(key, prefix)
+        _check_ttl(ttl)
+        found = self._generations.get(prefix)
+        if found is None or found[0] <= self._clock() or found[1] != generation:
+            return False
+        await self.set(key, value, ttl)
+        return True
+
     async def delete(self, *keys: str) -> int:
         now = self._clock()
         removed = 0
@@ -134,11 +188,13 @@ class MemoryCache:
 
     async def delete_prefix(self, prefix: str) -> int:
         members = self._tags.pop(check_prefix(prefix), set())
+        self._generations.pop(prefix, None)  # the generation ends with its entries
         return await self.delete(*members)
 
     async def close(self) -> None:
         self._entries.clear()
         self._tags.clear()
+        self._generations.clear()
 
     def _forget(self, key: str) -> None:
         self._entries.pop(key, None)
@@ -162,7 +218,34 @@ end
 return 1
 """
 
+_SET_IF_CURRENT = """
+if redis.call('GET', KEYS[2]) ~= ARGV[3] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local ttl = tonumber(ARGV[2])
+for i = 3, #KEYS do
+  redis.call('SADD', KEYS[i], KEYS[1])
+  if redis.call('PTTL', KEYS[i]) < ttl then
+    redis.call('PEXPIRE', KEYS[i], ttl)
+  end
+end
+return 1
+"""
+
+_GENERATION = """
+local token = redis.call('GET', KEYS[1])
+if not token then
+  token = ARGV[1]
+  redis.call('SET', KEYS[1], token, 'PX', ARGV[2])
+else
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return token
+"""
+
 _DELETE_TAG = """
+redis.call('UNLINK', KEYS[2])
 local members = redis.call('SMEMBERS', KEYS[1])
 local removed = 0
 for i = 1, #members, 500 do
@@ -176,7 +259,8 @@ return removed
 class RedisCache:
     """The shared cache on Redis (redis-py asyncio), for every edge and worker process.
 
-    Layout: entry ``<ns>{<facility>}:c:<rest of key>``, tag set ``<ns>{<facility>}:t:<prefix>``.
+    Layout: entry ``<ns>{<facility>}:c:<rest of key>``, tag set ``<ns>{<facility>}:t:<prefix>``,
+    generation ``<ns>{<facility>}:g:<prefix>``.
     The facility is the hash tag, so one facility's entries and tags share a Redis Cluster slot
     and the Lua scripts stay single-slot. Values are stored as given (bytes).
     """
@@ -186,6 +270,8 @@ class RedisCache:
         self.namespace = namespace
         self._set = client.register_script(_SET)
         self._delete_tag = client.register_script(_DELETE_TAG)
+        self._set_if_current = client.register_script(_SET_IF_CURRENT)
+        self._generation = client.register_script(_GENERATION)
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float = 5.0, namespace: str = "uh:") -> RedisCache:
@@ -203,6 +289,10 @@ class RedisCache:
         facility, _, rest = prefix.partition(SEP)
         return f"{self.namespace}{{{facility}}}:t:{rest}"
 
+    def _generation_key(self, prefix: str) -> str:
+        facility, _, rest = prefix.partition(SEP)
+        return f"{self.namespace}{{{facility}}}:g:{rest}"
+
     async def get(self, key: str) -> bytes | None:
         value = await self.client.get(self._entry(key))
         return None if value is None else bytes(value)
@@ -212,13 +302,28 @@ class RedisCache:
         keys = [self._entry(key), *(self._tag(p) for p in ancestors(key))]
         await self._set(keys=keys, args=[bytes(value), millis])
 
+    async def generation(self, prefix: str) -> str:
+        """The current generation token of ``prefix`` (a new one if it has none); one round trip."""
+        millis = int(GENERATION_TTL * 1000)
+        key = self._generation_key(check_prefix(prefix))
+        token = await self._generation(keys=[key], args=[new_generation(), millis])
+        return token.decode() if isinstance(token, bytes) else str(token)
+
+    async def set_if_current(self, key: str, value: bytes, ttl: float, prefix: str, generation: str) -> bool:
+        """Store like :meth:`set` only if ``prefix``'s generation is still ``generation`` (one script)."""
+        _check_scope(key, prefix)
+        millis = max(1, int(_check_ttl(ttl) * 1000))
+        keys = [self._entry(key), self._generation_key(prefix), *(self._tag(p) for p in ancestors(key))]
+        return bool(await self._set_if_current(keys=keys, args=[bytes(value), millis, generation]))
+
     async def delete(self, *keys: str) -> int:
         if not keys:
             return 0
         return int(await self.client.unlink(*(self._entry(k) for k in keys)))
 
     async def delete_prefix(self, prefix: str) -> int:
-        return int(await self._delete_tag(keys=[self._tag(check_prefix(prefix))]))
+        check_prefix(prefix)
+        return int(await self._delete_tag(keys=[self._tag(prefix), self._generation_key(prefix)]))
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -18,6 +18,8 @@ A search entry must therefore be cached under the type whose rows it returns, an
 result depends on other types (chains, ``_include``, ``_revinclude``) must not be cached under one
 type only. :func:`invalidate` deletes the entries; it is idempotent, so redelivered events are
 harmless. :class:`CacheInvalidator` is the handler the in-process bus and the worker's agent call.
+Deleting a prefix also ends its generation, so a reader that read the summary's or the GraphQL
+variants' generation before the change cannot store what it computed (``streams.cache``, Races).
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ def resource_key(facility: str, resource_type: str, resource_id: str) -> str:
 
 def summary_key(facility: str, patient_id: str) -> str:
     return f"{facility}|summary|{patient_id}"
+
+
+def summary_prefix(facility: str, patient_id: str) -> str:
+    """Prefix of a patient's summary variants: ``facility|summary|patient|<variant>``."""
+    return f"{summary_key(facility, patient_id)}|"
 
 
 def graphql_prefix(facility: str, patient_id: str) -> str:
@@ -69,7 +76,7 @@ def affected(event: ChangeEvent) -> Affected:
     patient = patient_of(event)
     if patient is not None and event.resource_type not in NOT_IN_PATIENT_VIEWS:
         keys.append(summary_key(f, patient))
-        prefixes.append(summary_key(f, patient) + "|")  # its variants (encounters, access level)
+        prefixes.append(summary_prefix(f, patient))  # its variants (encounters, access level)
         prefixes.append(graphql_prefix(f, patient))
     return Affected(tuple(keys), tuple(prefixes))
 

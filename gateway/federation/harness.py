@@ -224,16 +224,22 @@ def apollo_gateway(
 
 @contextmanager
 def gateway_process(
-    settings: Settings, workdir: Path, *, subgraphs: Mapping[str, str] | None = None, timeout: float = 120
+    settings: Settings,
+    workdir: Path,
+    *,
+    subgraphs: Mapping[str, str] | None = None,
+    timeout: float = 120,
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[str]:
     """This repository's gateway as its own process (HTTP subgraphs when ``subgraphs`` is given,
-    else in-process over ``settings``' store); yields its /graphql URL."""
+    else in-process over ``settings``' store; ``env`` adds ``UNIHEALTH_*`` settings); yields its
+    /graphql URL."""
     port = free_port()
     args = [sys.executable, "-m", "gateway.federation.harness", "serve", "--port", str(port)]
     if subgraphs:
         args += ["--subgraphs", _pairs(subgraphs)]
     log = workdir / f"gateway-{port}.log"
-    with _process(args, log, child_environment(settings)) as proc:
+    with _process(args, log, {**child_environment(settings), **(env or {})}) as proc:
         _wait_healthy(proc, f"http://127.0.0.1:{port}/healthz", log, timeout)
         yield f"http://127.0.0.1:{port}/graphql"
 

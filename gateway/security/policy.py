@@ -7,10 +7,14 @@ group of search criteria: its query (``patient/Observation.rs?category=laborator
 parameter elsewhere; types outside the compartment — Practitioner, Organization, Location,
 Medication, PractitionerRole — are shared reference data and stay unconstrained). An unconstrained
 scope makes the grant unconstrained. ``patient/`` scopes without a launch patient grant nothing.
+
+:func:`access_level` fingerprints a policy for cache keys: equal fingerprints, equal visibility (the
+REST summary cache and the GraphQL response cache both key on it).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from types import MappingProxyType
 
@@ -62,3 +66,10 @@ def policy_for(principal: Principal) -> AccessPolicy:
                     current.add(criteria)
     grants = {key: Grant(None if g is None else tuple(sorted(g))) for key, g in groups.items()}
     return AccessPolicy(MappingProxyType(grants), label=f"{principal.subject} ({', '.join(principal.roles)})")
+
+
+def access_level(policy: AccessPolicy) -> str:
+    """A short fingerprint of what the caller may see (grants and their criteria): callers with equal
+    fingerprints see equal data, so a cached view may be shared between them and no one else."""
+    grants = sorted((k, v.groups) for k, v in policy.grants.items())
+    return hashlib.sha256(repr((policy.everything, grants)).encode()).hexdigest()[:16]

@@ -1,0 +1,206 @@
+"""The response cache of ``/graphql``: single-patient answers kept in the edge's ``Backends.cache``.
+
+Contract of :class:`GraphQLCache` (a :class:`~gateway.federation.gateway.ResponseCache`):
+
+* What is cached: operations with exactly one root field, ``Query.patient(id:)`` with a FHIR id
+  (``__typename`` beside it is fine), whose selection reaches — besides values (names, codes,
+  quantities) — only resources of that patient's compartment selected directly on the Patient
+  (:func:`cacheable`): exactly what a change event for that patient invalidates. Operations over
+  several patients (a ward page) are never cached: their membership changes with writes to other
+  patients, so no per-patient invalidation can be correct for them.
+* Who: a caller whose bearer token ``backends.verifier`` accepts and whose token names the
+  ``X-Facility-Id`` facility. Anyone else (no token, bad token, facility not in the token) goes
+  through unchanged and the subgraphs answer 401/403 as they do without a cache.
+* Key: ``facility|graphql|<patient>|<access level>|<fingerprint>`` — the access level is
+  :func:`gateway.security.policy.access_level` of the caller's policy (the same fingerprint the
+  REST summary cache uses), the fingerprint the sha256 of query text, operation name and variables.
+  Every change in the patient's compartment deletes ``facility|graphql|<patient>|``
+  (:func:`streams.invalidation.graphql_prefix`); entries also expire after ``ttl`` seconds.
+* Stored: 200 answers without ``errors`` or ``extensions``, as the JSON bytes of ``data`` (stored
+  FHIR decimals keep their digits), only if the generation of the patient's prefix read at lookup
+  — before any subgraph was asked — is still current (``streams.cache``, Races): an answer computed
+  before a change and offered after its invalidation is dropped, not stored.
+* Served (a hit): no subgraph is asked, so the edge writes the access record itself first — the same
+  kind the subgraphs write (interaction ``graphql``, the principal, facility, patient, request id,
+  client address, the operation text) through ``Backends.record_access``. If that record cannot be
+  written, the request is not served from cache (it goes through, and the subgraphs audit it).
+* Cache failures (Redis down or slow) never fail a request: they are logged and the request goes
+  through uncached.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from streams.invalidation import NOT_IN_PATIENT_VIEWS, graphql_prefix
+from subgraphs.store import fhirjson
+from subgraphs.store.errors import FhirError
+from subgraphs.store.params import PARAM_BY_NAME, PATIENT_PARAM
+from subgraphs.store.validation import SUPPORTED_TYPES
+
+from .context import check_facility
+from .federation.gateway import PreparedOperation
+from .federation.operation import Field, Operation, Selection
+from .federation.transport import Forwarded
+from .security.audit import AccessAudit
+from .security.policy import access_level, policy_for
+from .security.tokens import Principal
+
+if TYPE_CHECKING:
+    from .backends import Backends
+
+log = logging.getLogger("unihealth.federation")
+AUDITED_QUERY_CHARS = 4000  # as the subgraphs keep it (subgraphs.graphql.context)
+_FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+_LEVELS = 10_000  # remembered (token -> access level) pairs
+
+
+def in_patient_view(resource_type: str) -> bool:
+    """True for resource types whose changes name their patient (a ``patient`` search parameter,
+    so the change event invalidates that patient's views) and that belong in those views."""
+    return (
+        resource_type != "Patient"
+        and resource_type not in NOT_IN_PATIENT_VIEWS
+        and PATIENT_PARAM in PARAM_BY_NAME.get(resource_type, {})
+    )
+
+
+def cacheable(operation: Operation) -> bool:
+    """True if ``operation`` reads one patient's compartment and nothing else (module contract)."""
+    roots = [s for s in operation.selections if not (isinstance(s, Field) and s.name == "__typename")]
+    if len(roots) != 1 or not isinstance(roots[0], Field):
+        return False
+    root = roots[0]
+    if root.name != "patient" or root.parent != operation.root_type or root.named != "Patient":
+        return False
+    return _only_compartment(root.selections or [])
+
+
+def _only_compartment(selections: list[Selection]) -> bool:
+    for selection in selections:
+        if isinstance(selection, Field):
+            named = selection.named
+            if named in SUPPORTED_TYPES and (selection.parent != "Patient" or not in_patient_view(named)):
+                return False  # another resource (Medication, another patient...): not invalidated with this one
+            if not _only_compartment(selection.selections or []):
+                return False
+        elif not _only_compartment(selection.selections):
+            return False
+    return True
+
+
+class GraphQLCache:
+    """See the module contract. ``backends`` gives the cache, the token verifier and the audit writer."""
+
+    def __init__(self, backends: Backends, ttl: float) -> None:
+        if not ttl > 0:
+            raise ValueError("the GraphQL cache needs a positive TTL")
+        self.backends = backends
+        self.ttl = ttl
+        self._levels: OrderedDict[str, str] = OrderedDict()  # verified token -> access level
+        self._shapes: OrderedDict[int, tuple[Operation, bool]] = OrderedDict()  # id(operation) -> cacheable
+        self.hits = 0
+        self.stores = 0
+
+    # ------------------------------------------------------------------ who and what
+    def _caller(self, forwarded: Forwarded) -> tuple[str, Principal, str] | None:
+        """(facility, principal, access level) of a verified caller of that facility; else None."""
+        scheme, _, token = forwarded.headers.get("authorization", "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            return None
+        try:
+            principal = self.backends.verifier.verify(token)
+            facility = check_facility(forwarded.headers.get("x-facility-id"))
+            if facility not in principal.facilities:
+                return None
+            level = self._levels.get(token)
+            if level is None:
+                level = access_level(policy_for(principal))
+                self._levels[token] = level
+                while len(self._levels) > _LEVELS:
+                    self._levels.popitem(last=False)
+        except FhirError:
+            return None  # the subgraphs refuse it with the right status
+        return facility, principal, level
+
+    def _cacheable(self, operation: Operation) -> bool:
+        found = self._shapes.get(id(operation))
+        if found is None or found[0] is not operation:  # plans are cached: few distinct operations
+            found = (operation, cacheable(operation))
+            self._shapes[id(operation)] = found
+            while len(self._shapes) > 1000:
+                self._shapes.popitem(last=False)
+        return found[1]
+
+    def _key(self, prepared: PreparedOperation, forwarded: Forwarded) -> tuple[str, str, Principal] | None:
+        """(key, patient prefix, principal), or None when this request is not cached."""
+        if len(prepared.patients) != 1 or not _FHIR_ID.match(prepared.patients[0]):
+            return None
+        if not self._cacheable(prepared.plan.operation):
+            return None
+        caller = self._caller(forwarded)
+        if caller is None:
+            return None
+        facility, principal, level = caller
+        prefix = graphql_prefix(facility, prepared.patients[0])
+        return f"{prefix}{level}|{prepared.fingerprint}", prefix, principal
+
+    # ------------------------------------------------------------------ the hook
+    async def lookup(self, operation: PreparedOperation, forwarded: Forwarded) -> dict[str, Any] | None:
+        """The cached body (after recording the access), or None — then ``store`` may follow."""
+        found = self._key(operation, forwarded)
+        if found is None:
+            return None
+        key, prefix, principal = found
+        cache = self.backends.cache
+        try:
+            value = await cache.get(key)
+            if value is None:
+                operation.state["graphql_cache"] = (key, prefix, await cache.generation(prefix))
+                return None
+        except Exception:
+            log.warning("GraphQL cache unavailable; answering uncached", exc_info=True)
+            return None
+        try:
+            await self.backends.record_access(self._audit(operation, forwarded, principal, prefix))
+        except Exception:
+            log.warning("could not record the access of a cached GraphQL answer; answering uncached", exc_info=True)
+            return None
+        self.hits += 1
+        return {"data": orjson.Fragment(value)}
+
+    async def store(self, operation: PreparedOperation, forwarded: Forwarded, body: dict[str, Any]) -> None:
+        """Store ``body`` if lookup prepared this request and the patient's generation is unchanged."""
+        prepared = operation.state.pop("graphql_cache", None)
+        if prepared is None or set(body) != {"data"}:
+            return
+        key, prefix, generation = prepared
+        try:
+            stored = await self.backends.cache.set_if_current(
+                key, fhirjson.dumps(body["data"]), self.ttl, prefix, generation
+            )
+        except Exception:
+            log.warning("GraphQL cache unavailable; answer not stored", exc_info=True)
+            return
+        self.stores += stored
+
+    def _audit(
+        self, operation: PreparedOperation, forwarded: Forwarded, principal: Principal, prefix: str
+    ) -> AccessAudit:
+        facility = prefix.partition("|")[0]
+        return AccessAudit(
+            interaction="graphql",
+            facility=facility,
+            principal=principal,
+            query=operation.query[:AUDITED_QUERY_CHARS],
+            client=forwarded.client,
+            request_id=forwarded.headers.get("x-request-id", ""),
+            status=200,
+            patients={operation.patients[0]},
+        )
