@@ -40,6 +40,7 @@ from tests.test_streams_worker import (
     stream_env,
 )
 
+BASE = "http://t/fhir/r5"  # the base the summary's fullUrls (and so its cache key) are built from
 pytest_plugins = ["tests.streams_services"]  # the kafka_bootstrap and redis_url session fixtures
 
 
@@ -63,7 +64,7 @@ async def redis_app(backend: str, settings_for: Any, own_redis: str, kafka_boots
 
 def _key(app: Starlette, facility: str, token: str, patient_id: str) -> str:
     principal = app.state.backends.verifier.verify(token)
-    ctx = RequestContext(facility=facility, base="", policy=policy_for(principal), principal=principal)
+    ctx = RequestContext(facility=facility, base=BASE, policy=policy_for(principal), principal=principal)
     return cache_key(ctx, patient_id, 5)
 
 
@@ -124,7 +125,7 @@ async def test_worker_invalidates_the_edges_redis_summary(
     try:
         async with httpx.AsyncClient(
             transport=httpx.ASGITransport(app=redis_app),
-            base_url="http://t/fhir/r5",
+            base_url=BASE,
             headers={"X-Facility-Id": facility, "Authorization": f"Bearer {token}"},
         ) as c:
             pid = (await create(c, patient()))["id"]
