@@ -28,16 +28,19 @@ from gateway.security.consent import FACILITY_SYSTEM
 from gateway.security.tokens import mint
 from subgraphs.graphql import SUBGRAPHS
 from subgraphs.graphql.app import schema_for
+from subgraphs.store.database import Database
 from tests.conftest import token_for
 from tests.graphql_support import subgraph_client
 from tests.helpers import create, observation, patient
+from tests.test_audit import seal
 
 NID = "https://unihealth.dev/fhir/sid/national-id"
 MRN = "urn:unihealth:test:mrn"
 KEYS = ("Patient", "Observation", "Observation2", "Encounter", "Condition", "AllergyIntolerance")
-KEYS += ("MedicationRequest", "Medication", "Consent", "Practitioner", "mrn", "obs_identifier", "family", "pr_family")
+KEYS += ("MedicationRequest", "Medication", "Consent", "Practitioner", "AuditEvent")
+KEYS += ("mrn", "obs_identifier", "family", "pr_family")
 ID_KEYS = ("Patient", "Observation", "Encounter", "Condition", "AllergyIntolerance", "MedicationRequest")
-ID_KEYS += ("Medication", "Consent", "Practitioner")
+ID_KEYS += ("Medication", "Consent", "Practitioner", "AuditEvent")
 
 
 def _letters() -> str:
@@ -111,6 +114,8 @@ def rest_probes(a_cursor: dict[str, str]) -> list[Probe]:
         get_probe("patient param", "/{type}", "/Observation", patient="Patient/{Patient}"),
         get_probe("subject param", "/{type}", "/Condition", subject="Patient/{Patient}"),
         get_probe("consent patient", "/{type}", "/Consent", patient="{Patient}"),
+        get_probe("audit patient", "/{type}", "/AuditEvent", patient="{Patient}"),
+        get_probe("audit entity", "/{type}", "/AuditEvent", entity="Patient/{Patient}", _total="accurate"),
         get_probe("medreq patient", "/{type}", "/MedicationRequest", patient="{Patient}"),
         get_probe("allergy patient", "/{type}", "/AllergyIntolerance", patient="{Patient}"),
         get_probe("encounter patient", "/{type}", "/Encounter", patient="{Patient}"),
@@ -158,6 +163,28 @@ def rest_probes(a_cursor: dict[str, str]) -> list[Probe]:
         get_probe("summary", "/Patient/{id}/summary", "/Patient/{Patient}/summary"),
         get_probe("observations", "/Patient/{id}/observations", "/Patient/{Patient}/observations"),
         get_probe("medication-requests", "/Patient/{id}/medication-requests", "/Patient/{Patient}/medication-requests"),
+    ]
+
+    async def conditional_read(c: httpx.AsyncClient, t: dict[str, str]) -> httpx.Response:
+        r1 = await c.get(f"/Patient/{t['Patient']}", headers={"If-None-Match": 'W/"2"'})
+        r2 = await c.get(f"/Patient/{t['Patient']}", headers={"If-Modified-Since": "Mon, 01 Jan 2024 00:00:00 GMT"})
+        r3 = await c.head(f"/Observation/{t['Observation']}")
+        return _join(r1, r2, r3)
+
+    out += [
+        Probe("conditional read", [("/{type}/{id}", "GET")], conditional_read),
+        get_probe("link param", "/{type}", "/Patient", link="Patient/{Patient}"),
+        get_probe("_summary=true", "/{type}", "/Observation", _id="{Observation}", _summary="true"),
+        get_probe(
+            "_sort _lastUpdated", "/{type}", "/Observation", _id="{Observation},{Observation2}", _sort="-_lastUpdated"
+        ),
+        get_probe("_id:not", "/{type}", "/Encounter", **{"_id:not": "{Encounter}", "subject": "Patient/{Patient}"}),
+        get_probe(
+            "everything _type", "/Patient/{id}/$everything", "/Patient/{Patient}/$everything", _type="Observation"
+        ),
+        get_probe(
+            "history _since", "/{type}/{id}/_history", "/Patient/{Patient}/_history", _since="2000-01-01T00:00:00Z"
+        ),
     ]
 
     async def post_search(c: httpx.AsyncClient, t: dict[str, str]) -> httpx.Response:
@@ -399,7 +426,7 @@ def _page_of(r: httpx.Response) -> str:
 
 
 @pytest.fixture
-async def world(app: Starlette, facility: str, other_facility: str) -> AsyncIterator[World]:
+async def world(app: Starlette, relay_database: Database, facility: str, other_facility: str) -> AsyncIterator[World]:
     settings = app.state.backends.settings
     a, b = other_facility, facility
     token_a, token_b = token_for(settings, [a]), token_for(settings, [b])
@@ -411,9 +438,12 @@ async def world(app: Starlette, facility: str, other_facility: str) -> AsyncIter
         )
         target["hpage"] = _page_of(await ca.get("/Observation/_history", params={"_count": "1"}))
         target["epage"] = _page_of(await ca.get(f"/Patient/{target['Patient']}/$everything", params={"_count": "1"}))
-        versions = {k: (await ca.get(f"/{k}/{target[k]}")).json()["meta"]["versionId"] for k in ID_KEYS}
         for warm in ("summary", "$everything", "observations"):  # A's caches are warm when B asks
             assert (await ca.get(f"/Patient/{target['Patient']}/{warm}")).status_code == 200
+        await seal(app, relay_database)  # A's access records become AuditEvents in A
+        audits = (await ca.get("/AuditEvent", params={"patient": target["Patient"]})).json()
+        target["AuditEvent"] = audits["entry"][0]["resource"]["id"]
+        versions = {k: (await ca.get(f"/{k}/{target[k]}")).json()["meta"]["versionId"] for k in ID_KEYS}
     async with _client(app, a, token_a, base="http://t") as ga:
         q = "query { patients(first: 1) { pageInfo { endCursor hasNextPage } } }"
         info = (await ga.post("/graphql", json={"query": q})).json()["data"]["patients"]["pageInfo"]
