@@ -137,7 +137,10 @@ async def linked_everything_page(
         shared: list[StoredResource] = []
         async with backends.repository(facility, write=False, policy=ctx.policy) as repo:
             consents = [] if btg else await _consents(repo, their_id)
-            patient = await repo.read("Patient", their_id)
+            try:
+                patient = await repo.read("Patient", their_id)
+            except FhirError:
+                patient = None  # not visible to this caller: nothing to share, nothing to say
             while (btg is not None or consents) and patient is not None and not patient.deleted:
                 chunk = min(max(room + 1 - len(out) - len(shared), 20), 1000)
                 page = await engine.everything(repo, their_id, types=types, since=since, count=chunk, after=after)
