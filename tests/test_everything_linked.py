@@ -203,3 +203,20 @@ async def test_cursor_replayed_by_another_facility_is_refused(linked: Linked) ->
             f"/Patient/{linked.mine}/$everything", params={"_count": "2", "_type": "Patient", "_page": linked_cursor}
         )
         assert_outcome(r, 400)
+
+
+async def test_type_filter_and_withdrawal_mid_paging(linked: Linked) -> None:
+    cid = await _consent(linked)
+    async with _client(linked.app, linked.home, linked.clinician) as c:
+        entries, _ = await _pages(c, f"/Patient/{linked.mine}/$everything", _type="Encounter")
+        assert _by_source(entries) == {linked.away: {linked.away_ids[-1]}}, "_type applies to linked records"
+        first = (await c.get(f"/Patient/{linked.mine}/$everything", params={"_count": "4"})).json()
+        nxt = next(link["url"] for link in first["link"] if link["relation"] == "next")
+        token = parse_qs(urlparse(nxt).query)["_page"][0]
+    async with _client(linked.app, linked.away, linked.owner) as away:  # the owner withdraws its consent
+        consent = (await away.get(f"/Consent/{cid}")).json()
+        assert (await away.put(f"/Consent/{cid}", json={**consent, "status": "inactive"})).status_code == 200
+    async with _client(linked.app, linked.home, linked.clinician) as c:
+        r = await c.get(f"/Patient/{linked.mine}/$everything", params={"_count": "4", "_page": token})
+        assert r.status_code == 200, r.text
+        assert linked.away not in r.text and linked.theirs not in r.text, "the next page shares nothing any more"
