@@ -22,7 +22,7 @@ import pytest
 from starlette.applications import Starlette
 from starlette.routing import Mount, Route
 
-from fhir_rest.routes import routes as fhir_routes
+from gateway.app import create_app
 from gateway.federation.composition import compose
 from gateway.security.consent import FACILITY_SYSTEM
 from gateway.security.tokens import mint
@@ -633,16 +633,33 @@ async def test_the_oracle_sees_a_leak(world: World) -> None:
             assert failures, f"{label}: the owner's answer was not told apart from an absent one"
 
 
-def test_every_route_and_field_has_a_probe() -> None:
-    """A new REST route or GraphQL root/entity field without a probe fails here."""
+# Routes outside /fhir/r5: public and data-free, or probed by the GraphQL tests above.
+OTHER_ROUTES = {
+    ("/healthz", "GET"): "public, no data",
+    ("/.well-known/smart-configuration", "GET"): "public, no data",
+    ("/fhir/r5/.well-known/smart-configuration", "GET"): "public, no data",
+    ("/graphql", "GET"): "the GraphQL probes (root fields)",
+    ("/graphql", "POST"): "the GraphQL probes (root fields)",
+}
+
+
+def test_every_route_and_field_has_a_probe(settings_for: Any) -> None:
+    """A new route of the app or a GraphQL root/entity field without a probe fails here."""
     covered = {rm for p in [*rest_probes({}), *write_probes()] for rm in p.routes}
     missing = []
-    for route in fhir_routes():
-        assert isinstance(route, Route) and not isinstance(route, Mount)
-        for method in sorted((route.methods or set()) - {"HEAD"}):
-            if (route.path, method) not in covered:
-                missing.append(f"{method} {route.path}")
-    assert not missing, f"REST routes without an isolation probe: {missing}"
+    for top in create_app(settings_for("sqlite")).routes:
+        if isinstance(top, Mount) and top.path == "/fhir/r5":
+            for route in top.routes:
+                assert isinstance(route, Route), route
+                for method in sorted((route.methods or set()) - {"HEAD"}):
+                    if (route.path, method) not in covered:
+                        missing.append(f"{method} /fhir/r5{route.path}")
+            continue
+        assert isinstance(top, Route), f"an unexpected mount: {top}"
+        for method in sorted((top.methods or set()) - {"HEAD"}):
+            if (top.path, method) not in OTHER_ROUTES:
+                missing.append(f"{method} {top.path}")
+    assert not missing, f"routes without an isolation probe: {missing}"
     fields = api_root_fields() - set(GRAPHQL_ROOT)
     assert not fields, f"GraphQL root fields without an isolation probe: {fields}"
     entities = {t for types in subgraph_entities().values() for t in types} - set(ENTITY_SELECTION)
