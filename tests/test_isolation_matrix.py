@@ -126,6 +126,20 @@ def rest_probes(a_cursor: dict[str, str]) -> list[Probe]:
         get_probe("_has _id", "/{type}", "/Patient", **{"_has:Observation:patient:_id": "{Observation}"}),
         get_probe("_include", "/{type}", "/Observation", _id="{Observation}", _include="Observation:patient"),
         get_probe("_revinclude", "/{type}", "/Patient", _id="{Patient}", _revinclude="Observation:patient"),
+        get_probe(
+            "_include medication from B's record",
+            "/{type}",
+            "/MedicationRequest",
+            identifier="ref-{obs_identifier}",
+            _include="MedicationRequest:medication",
+        ),
+        get_probe(
+            "_revinclude from B's record",
+            "/{type}",
+            "/Medication",
+            _id="{Medication}",
+            _revinclude="MedicationRequest:medication",
+        ),
         # B's own record that refers to the target's ids (made in setup): includes must stay in B
         get_probe(
             "_include from B's record",
@@ -304,6 +318,12 @@ GRAPHQL_ROOT = {
         {"name": "{family}", "identifier": f"{MRN}|{{mrn}}"},
     ),
 }
+GRAPHQL_EXTRA = {  # B's own MedicationRequest, referring to the target's Medication and Patient
+    "B's medicationRequest → medicationReference": (
+        "query($id: ID!) { medicationRequest(id: $id) { id subject medicationReference { id resource } } }",
+        {"id": "{BMedicationRequest}"},
+    ),
+}
 GRAPHQL_CURSOR = ("query($after: String) { patients(first: 1, after: $after) { nodes { id resource } } }", "{gpage}")
 ENTITY_SELECTION = {
     "Patient": "id resource",
@@ -459,6 +479,15 @@ async def world(app: Starlette, relay_database: Database, facility: str, other_f
             ref["hasMember"] = [{"reference": f"Observation/{t['Observation']}"}]
             ref["performer"] = [{"reference": f"Practitioner/{t['Practitioner']}"}]
             await create(cb, ref)
+            mr = {
+                "resourceType": "MedicationRequest",
+                "status": "active",
+                "intent": "order",
+                "identifier": [{"value": "ref-" + t["obs_identifier"]}],
+                "subject": {"reference": f"Patient/{t['Patient']}"},
+                "medication": {"reference": {"reference": f"Medication/{t['Medication']}"}},
+            }
+            t["BMedicationRequest"] = (await create(cb, mr))["id"]
     yield World(app, a, b, target, ghost, mine["id"], token_b, token_a, versions)
 
 
@@ -547,7 +576,7 @@ async def test_rest_probes_reveal_nothing(world: World) -> None:
 async def test_graphql_probes_reveal_nothing(world: World) -> None:
     failures: list[str] = []
     async with _client(world.app, world.b, world.token_b, base="http://t") as gb:
-        for name, (query, variables) in GRAPHQL_ROOT.items():
+        for name, (query, variables) in [*GRAPHQL_ROOT.items(), *GRAPHQL_EXTRA.items()]:
 
             async def send(t: dict[str, str], q: str = query, v: dict[str, Any] = variables) -> httpx.Response:
                 return await gb.post("/graphql", json={"query": q, "variables": {k: _fill(x, t) for k, x in v.items()}})
