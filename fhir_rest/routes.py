@@ -4,6 +4,7 @@ calls one interaction. No FHIR logic lives here.
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import parse_qsl
 
 from starlette.requests import Request
@@ -12,6 +13,7 @@ from starlette.routing import Route
 
 from gateway import summary_service
 from gateway.context import RequestContext
+from gateway.linked import glass, linked_everything_page, linked_records
 from gateway.security import break_glass
 from subgraphs.store import fhirjson
 from subgraphs.store.errors import FhirError, bad_request
@@ -21,7 +23,7 @@ from . import http
 from .auditing import audited
 from .capability import capability_statement
 from .interactions import bundle, crud
-from .interactions.search import everything, history, search
+from .interactions.search import everything_local, everything_result, history, parse_everything, search
 from .outcome import FHIR_JSON
 
 
@@ -154,21 +156,30 @@ async def system(request: Request) -> Response:
 
 @audited("operation")
 async def patient_everything(request: Request) -> Response:
-    """``GET /Patient/{id}/$everything``: the Patient compartment (``_since``, ``_type``, ``_count``, paging)."""
+    """``GET /Patient/{id}/$everything``: the Patient compartment (``_since``, ``_type``, ``_count``,
+    paging), then the linked records other facilities share by consent or break-the-glass."""
     ctx = http.context(request)
     patient_id = check_id(request.path_params["id"])
+    assert ctx.principal is not None
+    reason = break_glass.requested(ctx.principal, request.headers.get("x-break-glass-reason"))
     b = http.backends(request)
-    async with b.session(ctx, write=False) as repo:
-        result = await everything(
-            ctx,
-            repo,
-            b.settings.secret_key,
-            patient_id,
-            _pairs(request),
-            f"{ctx.base}/Patient/{patient_id}/$everything",
-            b.settings.default_page_size,
-            b.settings.max_page_size,
+    s = b.settings
+    async with b.session(ctx, write=reason is not None) as repo:
+        q = await parse_everything(
+            repo, s.secret_key, patient_id, _pairs(request), s.default_page_size, s.max_page_size
         )
+        local = await everything_local(repo, q)
+        others = await linked_records(repo, ctx, patient_id)
+        btg = await glass(repo, ctx, b, patient_id, reason, others)
+
+    async def linked(position: list[Any] | None, room: int) -> tuple[list[dict[str, Any]], list[Any] | None]:
+        return await linked_everything_page(
+            b, ctx, others, btg, position=position, room=room, types=q.types, since=q.since
+        )
+
+    url = f"{ctx.base}/Patient/{patient_id}/$everything"
+    security = [break_glass.LABEL] if btg is not None else None
+    result = await everything_result(ctx, s.secret_key, q, local, url, linked if others else None, security)
     return http.render(result)
 
 

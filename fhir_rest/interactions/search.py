@@ -9,6 +9,8 @@ outcome``). ``_include``/``_revinclude`` resources are entries with ``search.mod
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlencode
@@ -16,6 +18,7 @@ from urllib.parse import urlencode
 import orjson
 
 from gateway.context import RequestContext
+from gateway.linked import LINKED
 from subgraphs.store import cursor, engine
 from subgraphs.store.dates import date_range, instant
 from subgraphs.store.errors import bad_request, gone, not_found
@@ -97,20 +100,40 @@ def _since(raw: str) -> datetime:
     return rng[0]
 
 
-async def everything(
-    ctx: RequestContext,
+LinkedPages = Callable[[list[Any] | None, int], Awaitable[tuple[list[dict[str, Any]], list[Any] | None]]]
+"""``(position, room)`` → up to ``room`` linked entries from ``position`` (None: the start) and the
+position after them when more follow (see :func:`gateway.linked.linked_everything_page`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EverythingQuery:
+    """A parsed ``$everything`` request; ``position`` is the decoded cursor (facility-bound)."""
+
+    patient_id: str
+    count: int
+    since: datetime | None
+    types: list[str] | None
+    scope: str
+    position: list[Any] | None
+    ignored: list[str]
+    echo: list[tuple[str, str]]
+
+    @property
+    def in_linked(self) -> bool:
+        """The cursor points into the linked records (the local compartment is done)."""
+        return bool(self.position) and self.position[0] == LINKED  # type: ignore[index]
+
+
+async def parse_everything(
     repo: ResourceRepository,
     key: bytes,
     patient_id: str,
     pairs: list[tuple[str, str]],
-    url: str,
     default_count: int,
     max_count: int,
-) -> Result:
-    """``Patient/{id}/$everything``: the patient's compartment (R5 CompartmentDefinition), in pages
-    of ``_count`` (keyset by type and id), optionally only ``_type`` types changed ``_since``, plus
-    the practitioners, organizations, medications... the page refers to (``search.mode =
-    include``). 404/410 like a read of the Patient; types the caller may not search are left out."""
+) -> EverythingQuery:
+    """Parse the parameters and the cursor; 404/410 like a read of the Patient, 400 for a cursor
+    of another facility, patient, ``_since`` or ``_type``."""
     check_id(patient_id)
     patient = await repo.read("Patient", patient_id)
     if patient is None:
@@ -135,18 +158,83 @@ async def everything(
             ignored.append(name)
     since_key = since.isoformat() if since else ""
     scope = f"everything:{patient_id}?_since={since_key}&_type={','.join(types or [])}"
-    after = cursor.decode(key, repo.facility, scope, page_token) if page_token else None
-    page = await engine.everything(repo, patient_id, types=types, since=since, count=count, after=after)
-    entries = [entry(ctx.base, r) for r in page.resources]
-    entries += [entry(ctx.base, r, mode="include") for r in page.included]
-    if ignored:
-        entries.append(_outcome("ignored unsupported parameters: " + ", ".join(ignored)))
+    position = cursor.decode(key, repo.facility, scope, page_token) if page_token else None
+    if position is not None and position[:1] == [LINKED] and not _linked_position(position):
+        raise bad_request("the paging cursor is not valid for this operation")
     echo = [(k, v) for k, v in pairs if k != "_page"]
-    links = [("self", _link(url, echo))]
-    if page.next_position is not None:
-        token = cursor.encode(key, repo.facility, scope, page.next_position)
-        links.append(("next", _link(url, [*echo, ("_page", token)])))
-    return Result(200, searchset(entries, links, page.total))
+    return EverythingQuery(patient_id, count, since, types, scope, position, ignored, echo)
+
+
+def _linked_position(position: list[Any]) -> bool:
+    after = position[3] if len(position) == 4 else "bad"
+    return (
+        isinstance(position[1], str)
+        and isinstance(position[2], str)
+        and (after is None or (isinstance(after, list) and len(after) == 2))
+    )
+
+
+async def everything_local(repo: ResourceRepository, q: EverythingQuery) -> engine.EverythingPage | None:
+    """This facility's page of the compartment, or None when the cursor is past it."""
+    if q.in_linked:
+        return None
+    return await engine.everything(repo, q.patient_id, types=q.types, since=q.since, count=q.count, after=q.position)
+
+
+async def everything_result(
+    ctx: RequestContext,
+    key: bytes,
+    q: EverythingQuery,
+    local: engine.EverythingPage | None,
+    url: str,
+    linked: LinkedPages | None = None,
+    security: list[dict[str, Any]] | None = None,
+) -> Result:
+    """The searchset page: the local entries, then — once the local compartment is done — the
+    linked entries ``linked`` gives to fill the page; ``next`` cursors are signed for ``ctx``'s
+    facility. The total is given only when everything fits on one page."""
+    entries: list[dict[str, Any]] = []
+    next_position: list[Any] | None = None
+    total: int | None = None
+    room = q.count
+    if local is not None:
+        entries = [entry(ctx.base, r) for r in local.resources]
+        next_position, total, room = local.next_position, local.total, q.count - len(local.resources)
+    if next_position is None and linked is not None:
+        shared, next_position = await linked(q.position if q.in_linked else None, room)
+        entries += shared
+        total = total + len(shared) if total is not None and next_position is None else None
+    if local is not None:
+        entries += [entry(ctx.base, r, mode="include") for r in local.included]
+    if q.ignored:
+        entries.append(_outcome("ignored unsupported parameters: " + ", ".join(q.ignored)))
+    links = [("self", _link(url, q.echo))]
+    if next_position is not None:
+        token = cursor.encode(key, ctx.facility, q.scope, next_position)
+        links.append(("next", _link(url, [*q.echo, ("_page", token)])))
+    bundle = searchset(entries, links, total)
+    if security:
+        bundle["meta"] = {"security": security}
+    return Result(200, bundle)
+
+
+async def everything(
+    ctx: RequestContext,
+    repo: ResourceRepository,
+    key: bytes,
+    patient_id: str,
+    pairs: list[tuple[str, str]],
+    url: str,
+    default_count: int,
+    max_count: int,
+) -> Result:
+    """``Patient/{id}/$everything`` of this facility only: the patient's compartment (R5
+    CompartmentDefinition), in pages of ``_count`` (keyset by type and id), optionally only
+    ``_type`` types changed ``_since``, plus the practitioners, organizations, medications... the
+    page refers to (``search.mode = include``). 404/410 like a read of the Patient; types the
+    caller may not search are left out. The edge route adds linked records (:mod:`gateway.linked`)."""
+    q = await parse_everything(repo, key, patient_id, pairs, default_count, max_count)
+    return await everything_result(ctx, key, q, await everything_local(repo, q), url)
 
 
 def _link(url: str, pairs: list[tuple[str, str]]) -> str:
