@@ -16,12 +16,16 @@ the compartment's (type, id) order, one page of shared entries at a time. Consen
 break-the-glass session are evaluated again on every page (a withdrawn consent stops the paging),
 and the page looks one shared entry ahead, so a next page is offered only when something shared
 follows: neither the presence of a next link nor a count reveals data that is not shared.
-:func:`glass` opens or finds the caller's break-the-glass session exactly as the summary does.
+:func:`glass` opens or finds the caller's break-the-glass session (the summary and ``$everything``
+use it). :func:`shared_with_patients` is the GraphQL side (``Patient.linkedRecords``): the summary's
+resources of each linked record, for many patients at once, under the same rules — it only finds
+an open break-the-glass session, never opens one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -186,18 +190,33 @@ async def _record_sharing(
     await backends.record_access(audit)
 
 
-async def linked_summary_entries(
+@dataclass(frozen=True, slots=True)
+class Shared:
+    """What one source facility shares of one linked record: its resources, as the caller may see
+    them, and whether break-the-glass (rather than consent) applied."""
+
+    facility: str
+    patient_id: str
+    resources: list[StoredResource]
+    btg: bool
+
+
+async def linked_summary_parts(
     backends: Backends,
     ctx: RequestContext,
     others: list[tuple[str, str]],
     encounters: int,
     btg: Session | None,
-) -> list[dict[str, Any]]:
-    """Summary entries from ``others`` (see :func:`linked_records`) that may be shared (module doc)."""
+    *,
+    via: str = "summary",
+) -> list[Shared]:
+    """The summary resources (:func:`gateway.summary.summary_parts`) of ``others`` (see
+    :func:`linked_records`) that may be shared (module doc), source by source; sources that share
+    nothing are left out. Each source that shares gets one access record in its own chain (its
+    detail names ``via``: what asked)."""
     assert ctx.principal is not None
-    purpose = ctx.principal.purpose_of_use if ctx.principal.purpose_of_use not in (None, "BTG") else TREATMENT
-    now = datetime.now(UTC)
-    out: list[dict[str, Any]] = []
+    purpose, now = _purpose(ctx), datetime.now(UTC)
+    out: list[Shared] = []
     for facility, their_id in others:
         audit = AccessAudit(
             interaction="operation",
@@ -207,7 +226,7 @@ async def linked_summary_entries(
             resource_id=their_id,
             request_id=ctx.request_id,
             status=200,
-            detail=f"linked summary for facility {ctx.facility} under {'break-the-glass' if btg else 'consent'}",
+            detail=f"linked {via} for facility {ctx.facility} under {'break-the-glass' if btg else 'consent'}",
         )
         shared = []
         async with backends.repository(facility, write=False, policy=ctx.policy) as repo:
@@ -219,11 +238,47 @@ async def linked_summary_entries(
             except FhirError:
                 continue  # gone or not visible: nothing to share, nothing to say
             for part in parts:
-                if btg is not None or permits(consents, ctx.facility, str(purpose), labels_of(part.json()), now):
+                if btg is not None or permits(consents, ctx.facility, purpose, labels_of(part.json()), now):
                     shared.append(part)
             audit.touched.extend((p.type, p.id) for p in shared)
         if not shared:
             continue
         await backends.record_access(audit)
-        out += [linked_entry(facility, part) for part in shared]
+        out.append(Shared(facility, their_id, shared, btg is not None))
+    return out
+
+
+async def linked_summary_entries(
+    backends: Backends,
+    ctx: RequestContext,
+    others: list[tuple[str, str]],
+    encounters: int,
+    btg: Session | None,
+) -> list[dict[str, Any]]:
+    """Summary entries from ``others`` (see :func:`linked_records`) that may be shared (module doc)."""
+    shared = await linked_summary_parts(backends, ctx, others, encounters, btg)
+    return [linked_entry(s.facility, r) for s in shared for r in s.resources]
+
+
+async def shared_with_patients(
+    backends: Backends,
+    ctx: RequestContext,
+    repo: ResourceRepository,
+    patient_ids: Sequence[str],
+    encounters: int,
+    *,
+    via: str,
+) -> list[list[Shared]]:
+    """For each of ``patient_ids`` (patients of ``ctx.facility`` the caller may read; ``repo`` is
+    the caller's transaction there, read-only is enough) what the linked records share with the
+    caller now: by consent, or everything while the caller's break-the-glass session for that
+    patient is open — a session is only looked up here, never opened (starting one stays an
+    explicit act: ``X-Break-Glass-Reason`` on REST). ``patient/``-scoped callers get nothing.
+    The master patient index has no batched lookup (:mod:`subgraphs.store.links`), so this asks it
+    once per patient; sources are read one after another (one extra transaction at a time)."""
+    out: list[list[Shared]] = []
+    for patient_id in patient_ids:
+        others = await linked_records(repo, ctx, patient_id)
+        btg = await glass(repo, ctx, backends, patient_id, None, others)
+        out.append(await linked_summary_parts(backends, ctx, others, encounters, btg, via=via) if others else [])
     return out

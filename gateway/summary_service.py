@@ -26,7 +26,7 @@ from subgraphs.store.dates import instant
 
 from .backends import Backends
 from .context import RequestContext
-from .linked import linked_records, linked_summary_entries
+from .linked import glass, linked_records, linked_summary_entries
 from .security import break_glass
 from .security.policy import access_level
 from .summary import patient_summary
@@ -59,12 +59,7 @@ async def summary(
             local = cached
             entries = []
         others = await linked_records(repo, ctx, patient_id)
-        if reason is not None:
-            btg = await break_glass.engage(
-                repo, ctx.principal, patient_id, reason, backends.settings.btg_minutes, backends.settings.btg_roles
-            )
-        elif others:  # an open session matters only where there is something to share
-            btg = await break_glass.open_session(repo, ctx.principal, patient_id)
+        btg = await glass(repo, ctx, backends, patient_id, reason, others)
     if cached is None:
         await backends.cache.set_if_current(key, local, backends.settings.summary_ttl, prefix, generation)
     linked = await linked_summary_entries(backends, ctx, others, encounters, btg) if others else []
