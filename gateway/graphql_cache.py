@@ -7,7 +7,9 @@ Contract of :class:`GraphQLCache` (a :class:`~gateway.federation.gateway.Respons
   quantities) — only resources of that patient's compartment selected directly on the Patient
   (:func:`cacheable`): exactly what a change event for that patient invalidates. Operations over
   several patients (a ward page) are never cached: their membership changes with writes to other
-  patients, so no per-patient invalidation can be correct for them.
+  patients, so no per-patient invalidation can be correct for them. Nor is any operation that
+  selects ``Patient.linkedRecords`` (:data:`NEVER_CACHED`): other facilities' records and consents
+  change without invalidating anything here, and a break-the-glass session ends by time.
 * Who: a caller whose bearer token ``backends.verifier`` accepts and whose token names the
   ``X-Facility-Id`` facility. Anyone else (no token, bad token, facility not in the token) goes
   through unchanged and the subgraphs answer 401/403 as they do without a cache.
@@ -58,6 +60,7 @@ log = logging.getLogger("unihealth.federation")
 AUDITED_QUERY_CHARS = 4000  # as the subgraphs keep it (subgraphs.graphql.context)
 _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _LEVELS = 10_000  # remembered (token -> access level) pairs
+NEVER_CACHED = frozenset({"LinkedRecord"})  # types whose answers no change event here invalidates
 
 
 def in_patient_view(resource_type: str) -> bool:
@@ -85,6 +88,8 @@ def _only_compartment(selections: list[Selection]) -> bool:
     for selection in selections:
         if isinstance(selection, Field):
             named = selection.named
+            if named in NEVER_CACHED:
+                return False  # other facilities' data and consents: nothing here invalidates it
             if named in SUPPORTED_TYPES and (selection.parent != "Patient" or not in_patient_view(named)):
                 return False  # another resource (Medication, another patient...): not invalidated with this one
             if not _only_compartment(selection.selections or []):

@@ -12,13 +12,24 @@ Contract:
 * ``Patient.encounters(first)`` are the newest ``first`` (1 to 50) by period; ``allergies`` and
   ``conditions`` are the active ones unless ``activeOnly: false`` (conditions: active, recurrence,
   relapse), newest recorded first, at most 1000. Each is one query for all patients of a request.
+* ``Patient.linkedRecords(encounters)`` is what other facilities holding the same person (the
+  national identifier) share with the caller, by the REST summary's rules
+  (:func:`gateway.linked.shared_with_patients`): the summary's resources (``encounters``, 1 to 50,
+  as ``?encounters=``) that an active Consent permits, or all of them while the caller's
+  break-the-glass session for the patient is open (opened over REST only; never here); nothing
+  for ``patient/``-scoped callers; what is not shared is left out silently. Each source's access
+  is recorded in its own audit chain. One DataLoader batch for all patients of a request.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import strawberry
+from strawberry.scalars import JSON
 from strawberry.types import Info
 
+from gateway.linked import shared_with_patients
 from gateway.summary import ACTIVE_CONDITION
 from subgraphs.graphql import args, fields, loaders
 from subgraphs.graphql.context import SubgraphContext
@@ -127,6 +138,45 @@ class Condition(ResourceFields):
         return cls.of(await loaders.require(info.context, "Condition", id))
 
 
+@strawberry.type(
+    description="A record of the same person held by another facility and shared with this one, by an "
+    "active Consent of that facility or under break-the-glass."
+)
+class LinkedRecord:
+    source_facility: str = strawberry.field(description="The facility that holds (and shared) the record.")
+    resource_type: str
+    id: strawberry.ID = strawberry.field(description="The resource's id at its source facility.")
+    break_the_glass: bool = strawberry.field(
+        description="True when shared under the caller's open break-the-glass session rather than by consent."
+    )
+    res: strawberry.Private[Resource]
+
+    @field(description="The full FHIR resource as stored at its source facility (JSON, exact decimals).")
+    def resource(self) -> JSON:
+        return JSON(self.res.raw())
+
+
+async def _load_linked(ctx: SubgraphContext, encounters: int, patient_ids: list[str]) -> list[list[LinkedRecord]]:
+    repo = await ctx.repository()
+    found = await shared_with_patients(
+        ctx.backends, ctx.request(), repo, patient_ids, encounters, via="GraphQL patient"
+    )
+    return [
+        [
+            LinkedRecord(
+                source_facility=s.facility,
+                resource_type=r.type,
+                id=strawberry.ID(r.id),
+                break_the_glass=s.btg,
+                res=Resource(r),
+            )
+            for s in shared
+            for r in s.resources
+        ]
+        for shared in found
+    ]
+
+
 @strawberry.federation.type(keys=["id"], description=PATIENT_DESCRIPTION)
 class Patient(ResourceFields):
     @field(description="The official name, else the usual one, else the first current one.")
@@ -183,6 +233,18 @@ class Patient(ResourceFields):
         criteria = (("clinical-status", ACTIVE_CONDITION),) if active_only else ()
         spec = loaders.Compartment("Condition", criteria, "recorded-date", MAX_LIST)
         return [Condition.of(r) for r in await loaders.in_compartment(info.context, spec, self.id)]
+
+    @field(
+        description="What other facilities holding this person (by national identifier) share with the caller: "
+        "the summary's resources (`encounters`: 1-50, newest) an active Consent permits, or all of them while "
+        "the caller's break-the-glass session for this patient (started over REST) is open; each marked with "
+        "its source facility. Empty for patient/-scoped callers; never cached."
+    )
+    async def linked_records(self, info: Ctx, encounters: int = 5) -> list[LinkedRecord]:
+        ctx = info.context
+        n = args.count(encounters, "encounters", high=MAX_ENCOUNTERS)
+        loader = ctx.loader(("linked", n), partial(_load_linked, ctx, n))
+        return await loader.load(self.id)
 
     @classmethod
     async def resolve_reference(cls, info: Ctx, id: strawberry.ID) -> Patient:
