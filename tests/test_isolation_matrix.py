@@ -5,12 +5,13 @@ Oracle: each probe runs twice as B — once aimed at A's data (the *target*) and
 *ghost* of the same shape that never existed anywhere. The two answers must be indistinguishable:
 the same status (and GraphQL error codes), and each of A's values must occur in the answer exactly
 as often as the ghost's corresponding value occurs in the ghost's answer (so echoing the request
-is fine, revealing anything is not). A route or GraphQL root/entity field without a probe fails
-:func:`test_every_route_and_field_has_a_probe`.
+is fine, revealing anything is not). A route, GraphQL root field, entity type or ``Patient`` field
+reaching resources without a probe fails :func:`test_every_route_and_field_has_a_probe`.
 """
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from urllib.parse import parse_qs, urlparse
 
 import httpx
 import pytest
+from graphql import GraphQLObjectType, get_named_type
 from starlette.applications import Starlette
 from starlette.routing import Mount, Route
 
@@ -302,7 +304,8 @@ def _join(*responses: httpx.Response) -> httpx.Response:
 PATIENT_FIELDS = """id resource versionId name { family } identifiers { value } encounters { id resource }
   allergies(activeOnly: false) { id resource } conditions(activeOnly: false) { id resource }
   observations { id resource } latestVitals { id resource }
-  medicationRequests { id resource medicationReference { id } }"""
+  medicationRequests { id resource medicationReference { id } }
+  linkedRecords { sourceFacility resourceType id resource breakTheGlass }"""
 GRAPHQL_ROOT = {
     "patient": ("query($id: ID!) { patient(id: $id) { " + PATIENT_FIELDS + " } }", {"id": "{Patient}"}),
     "observation": ("query($id: ID!) { observation(id: $id) { id resource subject } }", {"id": "{Observation}"}),
@@ -318,10 +321,15 @@ GRAPHQL_ROOT = {
         {"name": "{family}", "identifier": f"{MRN}|{{mrn}}"},
     ),
 }
-GRAPHQL_EXTRA = {  # B's own MedicationRequest, referring to the target's Medication and Patient
+GRAPHQL_EXTRA = {  # B's own records: a MedicationRequest referring to the target's Medication and Patient,
     "B's medicationRequest → medicationReference": (
         "query($id: ID!) { medicationRequest(id: $id) { id subject medicationReference { id resource } } }",
         {"id": "{BMedicationRequest}"},
+    ),
+    # and B's patient linked to the target by national id (the ghost's: to no one); A's Consent never names B
+    "B's linked patient → linkedRecords": (
+        "query($id: ID!) { patient(id: $id) { id linkedRecords { sourceFacility resourceType id resource } } }",
+        {"id": "{BPatient}"},
     ),
 }
 GRAPHQL_CURSOR = ("query($after: String) { patients(first: 1, after: $after) { nodes { id resource } } }", "{gpage}")
@@ -352,6 +360,18 @@ def subgraph_entities() -> dict[str, list[str]]:
 def api_root_fields() -> set[str]:
     sg = compose({n: schema_for(n).as_str() for n in SUBGRAPHS})
     return set(sg.api_schema.query_type.fields)  # type: ignore[union-attr]
+
+
+def patient_fields_reaching_resources() -> set[str]:
+    """Fields of the composed ``Patient`` whose type carries a stored resource (``resource``)."""
+    patient_type = compose({n: schema_for(n).as_str() for n in SUBGRAPHS}).api_schema.type_map["Patient"]
+    assert isinstance(patient_type, GraphQLObjectType)
+    out = set()
+    for name, definition in patient_type.fields.items():
+        named = get_named_type(definition.type)
+        if isinstance(named, GraphQLObjectType) and "resource" in named.fields:
+            out.add(name)
+    return out
 
 
 # ------------------------------------------------------------------------------------ fixtures
@@ -474,6 +494,8 @@ async def world(app: Starlette, relay_database: Database, facility: str, other_f
     async with _client(app, b, token_b) as cb:
         mine = await create(cb, patient("Bown", identifier=[{"system": NID, "value": f"NID-{a}"}]))  # same person
         await create(cb, observation(mine["id"]))
+        nobody = await create(cb, patient("Bown", identifier=[{"system": NID, "value": f"NID-{uuid.uuid4()}"}]))
+        target["BPatient"], ghost["BPatient"] = mine["id"], nobody["id"]
         for t in (target, ghost):  # B's own records that point at the target's ids
             ref = observation(t["Patient"], identifier=[{"value": "ref-" + t["obs_identifier"]}])
             ref["hasMember"] = [{"reference": f"Observation/{t['Observation']}"}]
@@ -511,13 +533,14 @@ EXPECTED = {  # what B must get (so a probe that fails for another reason, e.g. 
     "PUT to A's id": 201,
     "conditional create": 201,
     "graphql patient": 200,
+    "graphql B's linked patient": 200,
 }
 
 
 def _leaks(target: dict[str, str], ghost: dict[str, str], got: Answer, expected: Answer) -> list[str]:
     out = []
     for key, value in target.items():
-        if key in ("page", "hpage", "epage", "gpage"):
+        if key in ("page", "hpage", "epage", "gpage", "BPatient"):  # cursors; B's own patient
             continue
         if got.text.count(value) != expected.text.count(ghost[key]):
             out.append(f"{key} ({got.text.count(value)} vs {expected.text.count(ghost[key])})")
@@ -662,6 +685,30 @@ async def test_the_oracle_sees_a_leak(world: World) -> None:
             assert failures, f"{label}: the owner's answer was not told apart from an absent one"
 
 
+async def test_the_oracle_sees_linked_records_shared_by_consent(world: World) -> None:
+    """The linkedRecords probe can fail: once A's Consent permits B, B's linked patient shows A's data."""
+    consent = {
+        "resourceType": "Consent",
+        "status": "active",
+        "decision": "permit",
+        "subject": {"reference": f"Patient/{world.target['Patient']}"},
+        "grantee": [{"identifier": {"system": FACILITY_SYSTEM, "value": world.b}}],
+    }
+    async with _client(world.app, world.a, world.token_a) as ca:
+        await create(ca, consent)
+    query, variables = GRAPHQL_EXTRA["B's linked patient → linkedRecords"]
+    failures: list[str] = []
+    async with _client(world.app, world.b, world.token_b, base="http://t") as gb:
+
+        async def send(t: dict[str, str]) -> httpx.Response:
+            return await gb.post(
+                "/graphql", json={"query": query, "variables": {k: _fill(x, t) for k, x in variables.items()}}
+            )
+
+        await _compare("graphql B's linked patient", world, send, failures)
+    assert failures and "Patient" in failures[0], "shared by consent, A's patient is told apart from a ghost"
+
+
 # Routes outside /fhir/r5: public and data-free, or probed by the GraphQL tests above.
 OTHER_ROUTES = {
     ("/healthz", "GET"): "public, no data",
@@ -693,3 +740,6 @@ def test_every_route_and_field_has_a_probe(settings_for: Any) -> None:
     assert not fields, f"GraphQL root fields without an isolation probe: {fields}"
     entities = {t for types in subgraph_entities().values() for t in types} - set(ENTITY_SELECTION)
     assert not entities, f"GraphQL entity types without an isolation probe: {entities}"
+    probed = set(re.findall(r"[A-Za-z_]+", PATIENT_FIELDS))
+    unprobed = patient_fields_reaching_resources() - probed
+    assert not unprobed, f"Patient fields reaching resources without an isolation probe (PATIENT_FIELDS): {unprobed}"
