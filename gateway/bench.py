@@ -57,8 +57,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
-import functools
 import json
 import os
 import platform
@@ -66,8 +64,6 @@ import random
 import re
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -75,16 +71,31 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any, Final
+
+from .processes import (
+    ProcessError,
+    Server,
+    base_env,
+    free_port,
+    http_get,
+    last_line,
+    log,
+    python_module,
+    run_logged,
+    sigterm_as_interrupt,
+    start_script_service,
+    tail,
+)
+from .topology import rsa_jwks
 
 ROOT: Final = Path(__file__).parent.parent  # __file__ is absolute: no I/O at import
 DEFAULT_K6_SCRIPTS: Final = ROOT / "k6"
-POSTGRES_SCRIPT: Final = ROOT / "scripts" / "postgres.sh"
+
 
 DEFAULT_PATIENTS: Final = 2000
 DEFAULT_FACILITIES: Final = 4
@@ -160,7 +171,7 @@ NOT_YET_AVAILABLE: Final = (
 )
 
 
-class BenchError(RuntimeError):
+class BenchError(ProcessError):
     """A step of the bench failed; the message says which and includes the relevant log tail."""
 
 
@@ -295,132 +306,7 @@ def parse_duration(text: str) -> float:
 
 
 def _log(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    """A loopback TCP port that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _last_line(path: Path) -> str:
-    lines = [line for line in _tail(path).splitlines() if line.strip()]
-    return lines[-1].strip() if lines else "(empty log)"
-
-
-def _tail(path: Path, chars: int = 3000) -> str:
-    try:
-        return path.read_text(errors="replace")[-chars:]
-    except OSError:
-        return ""
-
-
-@functools.cache
-def _libc() -> Any:
-    return ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
-
-
-def _child_setup() -> Callable[[], None] | None:
-    """A ``preexec_fn`` asking Linux to SIGTERM the child when the bench dies (PR_SET_PDEATHSIG)."""
-    libc = _libc()
-    if libc is None:
-        return None
-
-    def setup() -> None:
-        libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG = 1
-
-    return setup
-
-
-def _kill_group(proc: subprocess.Popen[Any], sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, sig)
-
-
-def _stop(proc: subprocess.Popen[bytes], grace: float) -> None:
-    """TERM the child's process group, wait up to ``grace`` seconds, then KILL it (bounded)."""
-    if proc.poll() is None:
-        _kill_group(proc, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=grace)
-    _kill_group(proc, signal.SIGKILL)  # stragglers of the group, even when the leader exited
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=5)
-
-
-def _spawn(argv: Sequence[str], env: dict[str, str], log: Path, cwd: Path | None = None) -> subprocess.Popen[bytes]:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            list(argv),
-            env=env,
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_child_setup(),  # only prctl(2): no locks, no allocation
-        )
-
-
-def run_logged(argv: Sequence[str], env: dict[str, str], log: Path, timeout: float, what: str) -> int:
-    """Run a command to completion with its output in ``log``; return its exit status.
-
-    Raises :class:`BenchError` (with the log tail) when it outlives ``timeout``; the child's whole
-    process group is killed on timeout, error or interruption.
-    """
-    proc = _spawn(argv, env, log)
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"{what} did not finish within {timeout:.0f}s; log {log}:\n{_tail(log)}") from None
-    finally:
-        _stop(proc, grace=5)
-
-
-class Server:
-    """A long-running child (``unihealth serve`` or the ceiling) answering ``GET /healthz``."""
-
-    def __init__(self, name: str, argv: Sequence[str], env: dict[str, str], log: Path, port: int) -> None:
-        self.name, self.argv, self.env, self.log, self.port = name, list(argv), env, log, port
-        self.base = f"http://127.0.0.1:{port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float) -> None:
-        """Start and wait (bounded) until ``/healthz`` answers 200; BenchError with the log otherwise."""
-        self.proc = _spawn(self.argv, self.env, self.log)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise BenchError(
-                    f"{self.name} exited with status {self.proc.returncode}: {_last_line(self.log)}\n{_tail(self.log)}"
-                )
-            with contextlib.suppress(OSError):
-                if http_get(f"{self.base}/healthz", {}, timeout=1)[0] == 200:
-                    return
-            if time.monotonic() > deadline:
-                raise BenchError(f"{self.name} did not answer /healthz within {timeout:.0f}s:\n{_tail(self.log)}")
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        """Idempotent, bounded (TERM, 15 s grace, KILL)."""
-        if self.proc is not None:
-            _stop(self.proc, grace=15)
-
-
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only: never a proxy
-
-
-def http_get(url: str, headers: dict[str, str], timeout: float = 10) -> tuple[int, bytes]:
-    """GET ``url`` (no proxy); (status, body) for any HTTP status, OSError for transport failures."""
-    request = urllib.request.Request(url, headers=headers)
-    try:
-        with _OPENER.open(request, timeout=timeout) as response:
-            return int(response.status), response.read()
-    except urllib.error.HTTPError as exc:
-        return int(exc.code), exc.read()
+    log("bench", message)
 
 
 def _load() -> list[float]:
@@ -452,12 +338,6 @@ def k6_version(k6: Path) -> str:
     out = subprocess.run([str(k6), "version"], capture_output=True, text=True, timeout=30, check=False)
     match = re.search(r"v\d+\.\d+\.\d+\S*", out.stdout)
     return match.group(0) if match else out.stdout.strip()
-
-
-def _base_env() -> dict[str, str]:
-    """This process's environment without any ``UNIHEALTH_*`` or proxy setting (each target sets its own)."""
-    drop = ("http_proxy", "https_proxy", "all_proxy")
-    return {k: v for k, v in os.environ.items() if not k.startswith("UNIHEALTH_") and k.lower() not in drop}
 
 
 # --------------------------------------------------------------------------- data
@@ -589,11 +469,11 @@ def run_k6(
         "-e", f"UNIHEALTH_BENCH_DATA={data}",
         str(script),
     ]  # fmt: skip
-    env = {**_base_env(), "K6_NO_USAGE_REPORT": "true"}
+    env = {**base_env(), "K6_NO_USAGE_REPORT": "true"}
     timeout = parse_duration(duration) + 30 + 60  # the run, k6's 30 s graceful stop, start-up and teardown
     status = run_logged(argv, env, log, timeout, f"k6 {script.name}")
     if status not in (0, 99) or not summary.exists():
-        raise BenchError(f"k6 {script.name} failed with status {status}: {_last_line(log)}\n{_tail(log)}")
+        raise BenchError(f"k6 {script.name} failed with status {status}: {last_line(log)}\n{tail(log)}")
     return {**parse_summary(summary), "k6_exit": status}
 
 
@@ -640,23 +520,6 @@ class Provisioned:
 
 
 _UNPUBLISHED: Final = "SELECT count(*) FROM outbox WHERE published_at IS NULL"
-
-
-def _rsa_jwks(directory: Path) -> tuple[str, Path]:
-    """A fresh RSA key: (private PEM, path of a JWKS file holding its public half, kid ``bench``)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    from jwt.algorithms import RSAAlgorithm
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ).decode()
-    jwk = RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
-    jwk.update({"kid": "bench", "use": "sig", "alg": "RS256"})
-    path = directory / "jwks.json"
-    path.write_text(json.dumps({"keys": [jwk]}))
-    return pem, path
 
 
 def _asyncpg_dsn(url: str, database: str | None = None, user: str | None = None, password: str | None = None) -> str:
@@ -714,43 +577,8 @@ def _postgres_database(stack: contextlib.ExitStack, options: BenchOptions, work:
             raise BenchError(f"creating database {name} on --postgres-url failed: {exc!r}") from exc
         stack.callback(_pg_cleanup, options.postgres_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         return _sqlalchemy_url(_asyncpg_dsn(options.postgres_url, name)), True
-    log = work / "logs" / "postgres.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
     _log("starting a throw-away PostgreSQL (scripts/postgres.sh)")
-
-    def stop(directory: str) -> None:
-        _log("stopping PostgreSQL")
-        with contextlib.suppress(subprocess.TimeoutExpired, OSError):
-            subprocess.run([str(POSTGRES_SCRIPT), "stop", directory], capture_output=True, timeout=60, check=False)
-
-    # Its own session: a Ctrl-C in the terminal must not kill it half-way, leaving a server whose
-    # directory nobody knows. On interruption it may finish (bounded), and what it started is stopped.
-    proc = subprocess.Popen(
-        [str(POSTGRES_SCRIPT)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc, signal.SIGKILL)
-        raise BenchError("scripts/postgres.sh did not finish within 600s") from None
-    except KeyboardInterrupt:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            out, _ = proc.communicate(timeout=90)
-            if proc.returncode == 0 and len(out.split()) == 2:
-                stop(out.split()[1])
-        _kill_group(proc, signal.SIGKILL)
-        raise
-    log.write_text(err)
-    fields = out.split()
-    if proc.returncode != 0 or len(fields) != 2:
-        raise BenchError(f"scripts/postgres.sh failed (status {proc.returncode}):\n{err[-3000:]}")
-    url, directory = fields
-    stack.callback(stop, directory)
+    url, _ = start_script_service("postgres.sh", stack, work / "logs" / "postgres.log", prefix="bench")
     return url, False
 
 
@@ -784,7 +612,7 @@ def provision(target: str, stack: contextlib.ExitStack, options: BenchOptions, w
     directory = work / target
     directory.mkdir(parents=True, exist_ok=True)
     env = {
-        **_base_env(),
+        **base_env(),
         "UNIHEALTH_DATA_DIR": str(directory),
         "UNIHEALTH_SECRET_KEY": secrets.token_urlsafe(48),
     }
@@ -798,7 +626,7 @@ def provision(target: str, stack: contextlib.ExitStack, options: BenchOptions, w
         info = TargetInfo(target, "embedded", "sqlite", "HS256")
         return Provisioned(env, env, mint_embedded, info, _sqlite_backlog(directory / "unihealth.db"))
     if target == "postgres":
-        pem, jwks = _rsa_jwks(directory)
+        pem, jwks = rsa_jwks(directory, "bench")
         owner, external = _postgres_database(stack, options, work)
         suffix = f"_{secrets.token_hex(3)}" if external else ""
         edge_role, relay_role = f"unihealth_bench_edge{suffix}", f"unihealth_bench_relay{suffix}"
@@ -902,10 +730,6 @@ def warm_up(base: str, tokens: dict[str, str], population: Population) -> None:
 # --------------------------------------------------------------------------- the run
 
 
-def _python_module(module: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", module, *args]
-
-
 def run_bench(options: BenchOptions) -> BenchReport:
     """Run the whole bench (see the module docstring); raises BenchError only when nothing can be
     measured (k6 missing, the ceiling fails); a failing target is recorded in the report instead."""
@@ -971,8 +795,8 @@ def _start_ceiling(stack: contextlib.ExitStack, options: BenchOptions, work: Pat
     """Start the ceiling app (stopped when ``stack`` closes); returns its k6 data file. It stays up,
     idle, while the targets run, and is measured before and after them."""
     port = free_port()
-    argv = _python_module("gateway.bench_ceiling", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning")
-    server = Server("the ceiling app", argv, _base_env(), work / "logs" / "ceiling.log", port)
+    argv = python_module("gateway.bench_ceiling", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning")
+    server = Server("the ceiling app", argv, base_env(), work / "logs" / "ceiling.log", port)
     stack.callback(server.stop)
     _log("starting the ceiling (hello-world Starlette, same uvicorn settings)")
     server.start(options.startup_timeout)
@@ -1022,7 +846,7 @@ def _run_target(
             _log(f"{target}: importing {report.resources} resources ({info.profile} profile, {info.database})")
             began = time.monotonic()
             status = run_logged(
-                _python_module("gateway.cli", "import", str(ndjson)),
+                python_module("gateway.cli", "import", str(ndjson)),
                 prepared.import_env,
                 logs / f"{target}.import.log",
                 options.import_timeout,
@@ -1030,16 +854,14 @@ def _run_target(
             )
             if status != 0:
                 log = logs / f"{target}.import.log"
-                raise BenchError(
-                    f"unihealth import ({target}) failed (status {status}): {_last_line(log)}\n{_tail(log)}"
-                )
+                raise BenchError(f"unihealth import ({target}) failed (status {status}): {last_line(log)}\n{tail(log)}")
             prepared.after_import()
             info.import_seconds = round(time.monotonic() - began, 1)
             _log(f"{target}: imported in {info.import_seconds}s")
             port = free_port()
             server = Server(
                 f"unihealth serve ({target})",
-                _python_module("gateway.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+                python_module("gateway.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                                "--log-level", "warning"),
                 prepared.serve_env,
                 logs / f"{target}.serve.log",
@@ -1061,7 +883,7 @@ def _run_target(
                     vus=options.vus, duration=options.duration, out_dir=logs, tag=f"{target}.{name}",
                 )  # fmt: skip
                 if server.proc is not None and server.proc.poll() is not None:
-                    raise BenchError(f"unihealth serve ({target}) died during {name}:\n{_tail(server.log)}")
+                    raise BenchError(f"unihealth serve ({target}) died during {name}:\n{tail(server.log)}")
                 report.rows.append(_row(target, scenario, result))
         except BenchError as exc:
             info.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -1243,26 +1065,12 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     )
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so every ``finally`` stops what it started."""
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def cmd_bench(args: argparse.Namespace) -> None:
     """Run the bench, print the table on stdout, write the JSON; exit 1 if a target failed, 130 on Ctrl-C."""
     options = options_from_args(args)
     json_out = options.json_out or default_json_out()
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             report = run_bench(options)
     except KeyboardInterrupt:
         _log("interrupted; every process the bench started has been stopped")
