@@ -28,10 +28,16 @@ What one run does (progress goes to stderr, the table to stdout):
      server as a login role in ``unihealth_app`` (row-level security live), its inline relay as a
      login role in ``unihealth_relay``; RS256 tokens verified against a generated
      ``UNIHEALTH_JWKS``; plaintext on the loopback (``UNIHEALTH_ALLOW_PLAINTEXT=1``);
+   * ``production`` — the topology of ``compose.yml`` as plain processes (:mod:`gateway.topology`):
+     PostgreSQL as for ``postgres`` (every process a row-level-security login), Redis (the
+     summary cache; ``--redis-url`` or ``scripts/redis.sh``), Kafka (``--kafka`` or
+     ``scripts/kafka.sh``), the three subgraphs as their own processes behind the edge's
+     federation gateway, the outbox relay and the Faust worker as processes;
 
-   imports the data with ``unihealth import`` (a subprocess, the target's environment), starts
-   ``unihealth serve --port P --log-level warning`` (one uvicorn worker), waits (bounded) until
-   its relay has published the import's outbox rows, mints one clinician token per facility for
+   imports the data with ``unihealth import`` (a subprocess, the target's environment; production:
+   as the owner), starts ``unihealth serve --port P --log-level warning`` (one uvicorn worker;
+   production: the whole topology), waits (bounded) until its relay has published the import's
+   outbox rows, mints one clinician token per facility for
    the server's own keys (:func:`gateway.security.tokens.mint`), writes them with the patient ids
    to the JSON file the k6 scripts ``open()``, warms the server up with a few sequential
    requests, runs each scenario of ``--scenarios`` with
@@ -83,6 +89,7 @@ from .processes import (
     base_env,
     free_port,
     http_get,
+    http_request,
     last_line,
     log,
     python_module,
@@ -102,7 +109,7 @@ DEFAULT_FACILITIES: Final = 4
 DEFAULT_SEED: Final = 42
 DEFAULT_DURATION: Final = "15s"
 DEFAULT_VUS: Final = 32
-TARGETS: Final = ("embedded", "postgres")
+TARGETS: Final = ("embedded", "postgres", "production")
 SUMMARY_ENCOUNTERS: Final = 5
 PAGE_SIZE: Final = 10
 WARM_UP_PATIENTS: Final = 20
@@ -152,6 +159,20 @@ SCENARIOS: Final[dict[str, Scenario]] = {
             "mixed clinician 90/10 Pareto",
             "35% summary, 30% observations, 25% read Patient, 10% create Observation; Pareto-hot patients",
         ),
+        Scenario(
+            "graphql-summary",
+            "graphql_summary.js",
+            "GraphQL summary (1 patient)",
+            "POST /graphql: one patient with encounters, allergies, conditions, latest vitals and active "
+            "medication requests (three subgraphs; gateway.federation.bench.SUMMARY), uniform patients",
+        ),
+        Scenario(
+            "graphql-ward",
+            "graphql_ward.js",
+            "GraphQL ward (30 patients)",
+            "POST /graphql: the first 30 patients of a facility with latest vitals, active medication "
+            "requests and allergies (gateway.federation.bench.WARD), uniform facilities",
+        ),
     )
 }
 CEILING: Final = Scenario(
@@ -164,10 +185,7 @@ CEILING_AGAIN: Final = Scenario(
     "the ceiling once more after the targets: its spread says how steady the machine was",
 )
 NOT_YET_AVAILABLE: Final = (
-    ("summary warm / cold", "needs the summary cache (federation issue); today's summary row is uncached"),
-    ("graphql summary", "GraphQL single-patient summary (federation issue)"),
-    ("graphql ward (30 patients)", "GraphQL 30-patient ward query (federation issue)"),
-    ("production topology", "Redis + Kafka + Faust + separate subgraph processes (streams/federation issues)"),
+    ("summary warm / cold", "a separate warm and cold split; today's summary row fills the cache during the run"),
 )
 
 
@@ -190,6 +208,8 @@ class BenchOptions:
     k6: Path | None = None
     k6_scripts: Path = DEFAULT_K6_SCRIPTS
     postgres_url: str | None = None
+    redis_url: str | None = None  # production target: reuse this Redis (else scripts/redis.sh)
+    kafka: str | None = None  # production target: reuse this Kafka bootstrap (else scripts/kafka.sh)
     work_dir: Path | None = None
     keep: bool = False
     startup_timeout: float = 90.0
@@ -398,8 +418,18 @@ def write_k6_data(path: Path, base: str, tokens: dict[str, str], population: Pop
         ],
         "encounters": SUMMARY_ENCOUNTERS,
         "page_size": PAGE_SIZE,
+        "graphql": f"{base}/graphql",
+        "queries": graphql_queries(),
     }
     path.write_text(json.dumps(document))
+
+
+def graphql_queries() -> dict[str, str]:
+    """The GraphQL operations of the k6 scenarios: the shapes the federation benchmark measures
+    (:mod:`gateway.federation.bench`), so the two benches ask the same questions."""
+    from .federation.bench import SUMMARY, WARD
+
+    return {"summary": SUMMARY, "ward": WARD}
 
 
 # --------------------------------------------------------------------------- k6
@@ -708,8 +738,9 @@ def wait_for_outbox(backlog: Callable[[], int | None], timeout: float, target: s
 
 
 def warm_up(base: str, tokens: dict[str, str], population: Population) -> None:
-    """A few sequential reads per kind (summary, observations, Patient) so the first k6 second does
-    not pay for connection pools and statement preparation; BenchError unless each answers 200."""
+    """A few sequential reads per kind (summary, observations, Patient; a GraphQL summary and ward
+    per facility) so the first k6 second does not pay for connection pools and statement
+    preparation; BenchError unless each answers 200 (GraphQL: without ``errors``)."""
     fhir = f"{base}/fhir/r5"
     for i in range(min(WARM_UP_PATIENTS, len(population.ids))):
         pid, facility = population.ids[i], population.facilities[population.facility_of[i]]
@@ -725,6 +756,22 @@ def warm_up(base: str, tokens: dict[str, str], population: Population) -> None:
                 raise BenchError(f"warm-up GET {path} failed: {exc}") from None
             if status != 200:
                 raise BenchError(f"warm-up GET {path} answered {status}: {body[:500]!r}")
+    queries = graphql_queries()
+    for i in range(min(len(population.facilities), len(population.ids))):  # one of each per facility
+        pid, facility = population.ids[i], population.facilities[population.facility_of[i]]
+        headers = {
+            "Authorization": f"Bearer {tokens[facility]}",
+            "X-Facility-Id": facility,
+            "Content-Type": "application/json",
+        }
+        for name, variables in (("summary", {"id": pid}), ("ward", {})):
+            payload = json.dumps({"query": queries[name], "variables": variables}).encode()
+            try:
+                status, body = http_request(f"{base}/graphql", headers, payload, timeout=60)
+            except OSError as exc:
+                raise BenchError(f"warm-up GraphQL {name} failed: {exc}") from None
+            if status != 200 or b'"errors"' in body:
+                raise BenchError(f"warm-up GraphQL {name} answered {status}: {body[:500]!r}")
 
 
 # --------------------------------------------------------------------------- the run
@@ -828,6 +875,105 @@ def _relate_to_ceiling(report: BenchReport) -> None:
         row.ceiling_pct = round(100.0 * row.rps / report.ceiling_rps, 1) if report.ceiling_rps else None
 
 
+def _import(target: str, env: dict[str, str], ndjson: Path, options: BenchOptions, logs: Path, resources: int) -> None:
+    """``unihealth import`` of the demo data as a subprocess with ``env`` (bounded)."""
+    _log(f"{target}: importing {resources} resources")
+    log_file = logs / f"{target}.import.log"
+    status = run_logged(
+        python_module("gateway.cli", "import", str(ndjson)),
+        env,
+        log_file,
+        options.import_timeout,
+        f"unihealth import ({target})",
+    )
+    if status != 0:
+        raise BenchError(
+            f"unihealth import ({target}) failed (status {status}): {last_line(log_file)}\n{tail(log_file)}"
+        )
+
+
+def _start_single(
+    info: TargetInfo, stack: contextlib.ExitStack, options: BenchOptions, work: Path, ndjson: Path, resources: int
+) -> tuple[str, Callable[[str], str], list[Server]]:
+    """embedded / postgres: one ``unihealth serve`` over a fresh, imported database; fills ``info``."""
+    target = info.name
+    logs = work / "logs"
+    prepared = provision(target, stack, options, work)
+    info.profile, info.database, info.token_algorithm = (
+        prepared.info.profile,
+        prepared.info.database,
+        prepared.info.token_algorithm,
+    )
+    began = time.monotonic()
+    _import(target, prepared.import_env, ndjson, options, logs, resources)
+    prepared.after_import()
+    info.import_seconds = round(time.monotonic() - began, 1)
+    _log(f"{target}: imported in {info.import_seconds}s ({info.profile} profile, {info.database})")
+    port = free_port()
+    server = Server(
+        f"unihealth serve ({target})",
+        python_module("gateway.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"),
+        prepared.serve_env,
+        logs / f"{target}.serve.log",
+        port,
+    )
+    stack.callback(server.stop)
+    server.start(options.startup_timeout)
+    info.outbox_backlog, info.drain_seconds = wait_for_outbox(prepared.backlog, options.drain_timeout, target)
+    _log(f"{target}: relay published {info.outbox_backlog} outbox rows in {info.drain_seconds}s")
+    return server.base, prepared.mint_token, [server]
+
+
+def _start_production(
+    info: TargetInfo, stack: contextlib.ExitStack, options: BenchOptions, work: Path, ndjson: Path, resources: int
+) -> tuple[str, Callable[[str], str], list[Server]]:
+    """production: ``compose.yml``'s topology as processes (:mod:`gateway.topology`) — PostgreSQL
+    (a fresh database), Redis, Kafka, three subgraph processes, the edge, the relay and the Faust
+    worker, every process a row-level-security login — with the demo data imported as the owner."""
+    from .topology import Topology, TopologyOptions
+
+    target = info.name
+    info.profile, info.database, info.token_algorithm = (
+        "production",
+        "postgresql+redis+kafka, 3 subgraph processes, relay, worker",
+        "RS256",
+    )
+    owner = None
+    if options.postgres_url:
+        owner, _ = _postgres_database(stack, options, work)
+    topology = Topology(
+        TopologyOptions(
+            postgres_url=owner,
+            redis_url=options.redis_url,
+            kafka_bootstrap=options.kafka,
+            work_dir=work / target,
+            ports="free",
+            startup_timeout=max(options.startup_timeout, 120.0),
+        )
+    )
+    stack.callback(topology.down)
+    _log(f"{target}: starting the topology of compose.yml as processes (logs in {topology.options.work_dir})")
+    topology.up()
+    began = time.monotonic()
+    _import(target, topology.import_env(), ndjson, options, work / "logs", resources)
+    try:
+        asyncio.run(_pg_execute(topology.owner_url, "ANALYZE"))
+    except Exception as exc:  # asyncpg's errors: this target's failure
+        raise BenchError(f"ANALYZE after the import failed: {exc!r}") from exc
+    info.import_seconds = round(time.monotonic() - began, 1)
+    _log(f"{target}: imported in {info.import_seconds}s")
+
+    def backlog() -> int | None:
+        try:
+            return asyncio.run(_pg_count(topology.owner_url, _UNPUBLISHED))
+        except Exception:  # the count is advisory: never fail the bench on it
+            return None
+
+    info.outbox_backlog, info.drain_seconds = wait_for_outbox(backlog, options.drain_timeout, target)
+    _log(f"{target}: the relay process published {info.outbox_backlog} outbox rows in {info.drain_seconds}s")
+    return topology.edge_url, topology.mint_token, list(topology.servers.values())
+
+
 def _run_target(
     report: BenchReport,
     target: str,
@@ -839,42 +985,15 @@ def _run_target(
 ) -> None:
     logs = work / "logs"
     info = TargetInfo(target, "?", "?", "?")
+    report.targets.append(info)
     with contextlib.ExitStack() as stack:
         try:
-            prepared = provision(target, stack, options, work)
-            info = prepared.info
-            _log(f"{target}: importing {report.resources} resources ({info.profile} profile, {info.database})")
-            began = time.monotonic()
-            status = run_logged(
-                python_module("gateway.cli", "import", str(ndjson)),
-                prepared.import_env,
-                logs / f"{target}.import.log",
-                options.import_timeout,
-                f"unihealth import ({target})",
-            )
-            if status != 0:
-                log = logs / f"{target}.import.log"
-                raise BenchError(f"unihealth import ({target}) failed (status {status}): {last_line(log)}\n{tail(log)}")
-            prepared.after_import()
-            info.import_seconds = round(time.monotonic() - began, 1)
-            _log(f"{target}: imported in {info.import_seconds}s")
-            port = free_port()
-            server = Server(
-                f"unihealth serve ({target})",
-                python_module("gateway.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-                               "--log-level", "warning"),
-                prepared.serve_env,
-                logs / f"{target}.serve.log",
-                port,
-            )  # fmt: skip
-            stack.callback(server.stop)
-            server.start(options.startup_timeout)
-            info.outbox_backlog, info.drain_seconds = wait_for_outbox(prepared.backlog, options.drain_timeout, target)
-            _log(f"{target}: relay published {info.outbox_backlog} outbox rows in {info.drain_seconds}s")
-            tokens = {f: prepared.mint_token(f) for f in population.facilities}
+            start = _start_production if target == "production" else _start_single
+            base, mint_token, servers = start(info, stack, options, work, ndjson, report.resources)
+            tokens = {f: mint_token(f) for f in population.facilities}
             data = work / f"k6-{target}.json"
-            write_k6_data(data, server.base, tokens, population)
-            warm_up(server.base, tokens, population)
+            write_k6_data(data, base, tokens, population)
+            warm_up(base, tokens, population)
             for name in options.scenarios:
                 scenario = SCENARIOS[name]
                 _log(f"{target}: k6 {name}: {options.vus} VUs for {options.duration}")
@@ -882,15 +1001,14 @@ def _run_target(
                     k6, options.k6_scripts / scenario.script, data,
                     vus=options.vus, duration=options.duration, out_dir=logs, tag=f"{target}.{name}",
                 )  # fmt: skip
-                if server.proc is not None and server.proc.poll() is not None:
-                    raise BenchError(f"unihealth serve ({target}) died during {name}:\n{tail(server.log)}")
+                for server in servers:
+                    if not server.alive:
+                        raise BenchError(f"{server.name} ({target}) died during {name}:\n{tail(server.log)}")
                 report.rows.append(_row(target, scenario, result))
-        except BenchError as exc:
+        except ProcessError as exc:
             info.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             info.logs = str(logs)
             _log(f"{target} FAILED: {exc}")
-        finally:
-            report.targets.append(info)
 
 
 # --------------------------------------------------------------------------- output
@@ -1022,6 +1140,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="use this PostgreSQL server (a fresh database is created on it and dropped) instead of "
         "starting a throw-away one with scripts/postgres.sh",
     )  # fmt: skip
+    parser.add_argument(
+        "--redis-url", default=None,
+        help="production target: use this Redis (redis://host:port/db) instead of starting one with scripts/redis.sh",
+    )  # fmt: skip
+    parser.add_argument(
+        "--kafka", default=None,
+        help="production target: use this Kafka bootstrap (host:port; the worker gets its own consumer group) "
+        "instead of starting a broker with scripts/kafka.sh",
+    )  # fmt: skip
     parser.add_argument("--work-dir", type=Path, default=None, help="keep data, logs and summaries here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary work directory")
     parser.add_argument("--startup-timeout", type=float, default=90.0, help="seconds a server may take to start")
@@ -1036,7 +1163,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     """Add ``bench`` to the ``unihealth`` CLI's sub-parsers; returns the new parser."""
     parser = subparsers.add_parser(
         "bench",
-        help="load-test the gateway with k6 (embedded and PostgreSQL) against a hello-world ceiling",
+        help="load-test the gateway with k6 (embedded, PostgreSQL, production topology) against a hello-world ceiling",
         description="Provision each target, run the k6 scenarios in k6/ and print one table (also written as JSON).",
     )
     add_arguments(parser)
@@ -1057,6 +1184,8 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         k6=args.k6,
         k6_scripts=args.k6_scripts,
         postgres_url=args.postgres_url,
+        redis_url=args.redis_url,
+        kafka=args.kafka,
         work_dir=args.work_dir,
         keep=args.keep,
         startup_timeout=args.startup_timeout,
