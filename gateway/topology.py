@@ -221,25 +221,38 @@ def _psql() -> str:
     return str(found)
 
 
+async def topic_partitions(bootstrap: str, topics: Sequence[str]) -> list[Any]:
+    """Every partition of ``topics`` (aiokafka ``TopicPartition``s), read from the broker (bounded)."""
+    from aiokafka import TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="unihealth-topology")
+    async with asyncio.timeout(60):
+        await admin.start()
+        try:
+            described = await admin.describe_topics(list(topics))
+        finally:
+            await admin.close()
+    return sorted(TopicPartition(t["topic"], p["partition"]) for t in described for p in t["partitions"])
+
+
 async def _group_at_end(bootstrap: str, group: str, topics: list[str]) -> None:
     """Create ``topics`` if missing and commit ``group``'s offsets at their current ends."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import AIOKafkaConsumer
 
     from streams.worker import ensure_topics
 
     await ensure_topics(bootstrap, topics, 3, 1)
+    tps = await topic_partitions(bootstrap, topics)
+    if {tp.topic for tp in tps} != set(topics):
+        raise ProcessError(f"Kafka at {bootstrap} did not describe every topic of {topics}: {tps}")
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
     async with asyncio.timeout(60):
         await consumer.start()
         try:
-            tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
-            if not all(consumer.partitions_for_topic(t) for t in topics):
-                await consumer._client.force_metadata_update()
-                tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
             consumer.assign(tps)
             ends = await consumer.end_offsets(tps)
-            if ends:
-                await consumer.commit(dict(ends.items()))
+            await consumer.commit(dict(ends.items()))
         finally:
             await consumer.stop()
 
@@ -276,6 +289,7 @@ class Topology:
     subgraph_urls: dict[str, str] = field(default_factory=dict)
     service_env: dict[str, dict[str, str]] = field(default_factory=dict)
     started_dirs: list[str] = field(default_factory=list)  # of the servers the scripts started
+    worker_group: str = "unihealth-worker"  # the worker's Kafka consumer group (its CLI default)
     _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     _private_key: str = ""
     _jwks: Path = field(default_factory=Path)
@@ -422,17 +436,23 @@ class Topology:
             Path(env.get("UNIHEALTH_DATA_DIR", self.work_dir / "data" / spec.name)).mkdir(parents=True, exist_ok=True)
         return env
 
-    def _argv(self, spec: ServiceSpec, env: dict[str, str]) -> list[str]:
+    def _argv(self, spec: ServiceSpec) -> list[str]:
+        """``python -m gateway.cli`` + the compose command, localized, with this run's ports."""
         args = [self._localize(a, spec.name) for a in spec.command]
         for flag in ("--port", "--metrics-port"):
             value = spec.option(flag)
             if value is not None:
                 args[args.index(flag) + 1] = str(self._port(spec.name, int(value)))
-        if spec.name == "worker" and self.options.kafka_bootstrap:
-            group = f"unihealth-worker-{secrets.token_hex(4)}"  # a shared broker: this run's own group
-            asyncio.run(_group_at_end(self.kafka_bootstrap, group, _worker_topics(self.kafka_bootstrap)))
-            args += ["--group-id", group]
         return python_module("gateway.cli", *args)
+
+    def _own_worker_group(self) -> list[str]:
+        """On a shared broker: a consumer group of this run's own, at the current end of its topics."""
+        group = self.worker_group = f"unihealth-worker-{secrets.token_hex(4)}"
+        try:
+            asyncio.run(_group_at_end(self.kafka_bootstrap, group, _worker_topics(self.kafka_bootstrap)))
+        except Exception as exc:  # aiokafka's errors and timeouts: this step's failure
+            raise ProcessError(f"preparing the worker group on {self.kafka_bootstrap} failed: {exc!r}") from exc
+        return ["--group-id", group]
 
     def _start_level(self, level: list[str]) -> None:
         waiting: list[Server] = []
@@ -466,7 +486,7 @@ class Topology:
         env = self._env_for(spec)
         self.service_env[spec.name] = env
         log_file = self.log_dir / f"{spec.name}.log"
-        status = run_logged(self._argv(spec, env), env, log_file, self.options.startup_timeout, spec.name)
+        status = run_logged(self._argv(spec), env, log_file, self.options.startup_timeout, spec.name)
         if status != 0:
             raise ProcessError(f"{spec.name} failed (status {status}): {last_line(log_file)}\n{tail(log_file)}")
         _say(f"{spec.name}: done")
@@ -475,9 +495,14 @@ class Topology:
         env = self._env_for(spec)
         self.service_env[spec.name] = env
         port = self._port(spec.name, spec.health_port) if spec.health_port else free_port()
+        argv = self._argv(spec)
+        if spec.name == "worker":
+            self.worker_group = spec.option("--group-id") or self.worker_group
+            if self.options.kafka_bootstrap:
+                argv += self._own_worker_group()
         server = Server(
             spec.name,
-            self._argv(spec, env),
+            argv,
             env,
             self.log_dir / f"{spec.name}.log",
             port,
