@@ -19,7 +19,7 @@ URL. Nothing about the services is restated here, so the runner and the compose 
   ``/var/lib/unihealth`` → a data directory per service. What compose takes from its env files
   is generated: ``UNIHEALTH_SECRET_KEY``, the login URLs (``UNIHEALTH_DATABASE_URL`` in
   ``unihealth_app``, ``UNIHEALTH_RELAY_DATABASE_URL`` in ``unihealth_relay``; a random suffix on
-  the login names when the PostgreSQL server is shared) and, for services given
+  the login names when the PostgreSQL server is given, dropped at the end) and, for services given
   ``docker/postgres.env``, the owner's ``PGPASSWORD``.
 * HTTP ports are compose's (``ports="compose"``) or free ones (``ports="free"``, for tests and the
   bench on a shared machine); ``--metrics-port`` (9100 in every container) always gets a free one.
@@ -414,6 +414,8 @@ class Topology:
         suffix = f"_{secrets.token_hex(3)}" if shared else ""
         self._app_url = login_url(self.owner_url, APP_LOGIN + suffix, secrets.token_urlsafe(18))
         self._relay_url = login_url(self.owner_url, RELAY_LOGIN + suffix, secrets.token_urlsafe(18))
+        if shared:  # runs after every process has stopped (registered before any starts)
+            self._stack.callback(_drop_logins, self.owner_url, [APP_LOGIN + suffix, RELAY_LOGIN + suffix])
         self._secret_key = secrets.token_urlsafe(48)
 
     def _env_for(self, spec: ServiceSpec) -> dict[str, str]:
@@ -520,6 +522,24 @@ class Topology:
     @staticmethod
     def _stop_server(server: Server) -> None:
         server.stop()
+
+
+def _drop_logins(owner_url: str, logins: list[str]) -> None:
+    """Best effort (cleanup must not mask the run's outcome): drop this run's login roles."""
+    import asyncpg
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(owner_url.replace("postgresql+asyncpg://", "postgresql://", 1), timeout=15)
+        try:
+            for login in logins:
+                await conn.execute(f'DROP ROLE IF EXISTS "{login}"', timeout=30)
+        finally:
+            await conn.close(timeout=10)
+
+    try:
+        asyncio.run(drop())
+    except Exception as exc:
+        _say(f"dropping the login roles {', '.join(logins)} failed: {exc!r}")
 
 
 def _worker_topics(bootstrap: str) -> list[str]:
