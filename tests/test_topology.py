@@ -26,7 +26,15 @@ import redis
 
 from gateway.graphql_app import parse_subgraphs
 from gateway.settings import load_settings
-from gateway.topology import INFRASTRUCTURE, Topology, TopologyOptions, load_compose, start_levels, topic_partitions
+from gateway.topology import (
+    COMPOSE_FILE,
+    INFRASTRUCTURE,
+    Topology,
+    TopologyOptions,
+    load_compose,
+    start_levels,
+    topic_partitions,
+)
 from streams.events import topic_for
 from tests.helpers import observation, patient
 
@@ -218,6 +226,7 @@ def test_the_runner_follows_compose() -> None:
         "worker",
     }
     assert services["db-logins"].script == "./docker/db-logins.sh"
+    assert (COMPOSE_FILE.parent / "docker" / "db-logins.sh").is_file()
     assert order.index("db-logins") < order.index("migrate") < order.index("edge")
     for name in unihealth - {"migrate"}:
         assert services[name].health_port is not None, name  # a health check the runner waits on
