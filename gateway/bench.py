@@ -1116,8 +1116,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Bench's options (shared by ``unihealth bench`` and ``python -m gateway.bench``)."""
     parser.add_argument(
         "--patients", type=_positive, default=DEFAULT_PATIENTS,
-        help=f"demo patients to load (~35 resources each; default {DEFAULT_PATIENTS}, sized so the whole bench "
-        "takes ~6 minutes on 2 cores; the load-test issue suggests 10000)",
+        help=f"demo patients to load (~35 resources each; default {DEFAULT_PATIENTS}, sized for 2 cores; "
+        "the load-test issue suggests 10000)",
     )  # fmt: skip
     parser.add_argument("--facilities", type=_positive, default=DEFAULT_FACILITIES)
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
