@@ -28,10 +28,16 @@ What one run does (progress goes to stderr, the table to stdout):
      server as a login role in ``unihealth_app`` (row-level security live), its inline relay as a
      login role in ``unihealth_relay``; RS256 tokens verified against a generated
      ``UNIHEALTH_JWKS``; plaintext on the loopback (``UNIHEALTH_ALLOW_PLAINTEXT=1``);
+   * ``production`` — the topology of ``compose.yml`` as plain processes (:mod:`gateway.topology`):
+     PostgreSQL as for ``postgres`` (every process a row-level-security login), Redis (the
+     summary cache; ``--redis-url`` or ``scripts/redis.sh``), Kafka (``--kafka`` or
+     ``scripts/kafka.sh``), the three subgraphs as their own processes behind the edge's
+     federation gateway, the outbox relay and the Faust worker as processes;
 
-   imports the data with ``unihealth import`` (a subprocess, the target's environment), starts
-   ``unihealth serve --port P --log-level warning`` (one uvicorn worker), waits (bounded) until
-   its relay has published the import's outbox rows, mints one clinician token per facility for
+   imports the data with ``unihealth import`` (a subprocess, the target's environment; production:
+   as the owner), starts ``unihealth serve --port P --log-level warning`` (one uvicorn worker;
+   production: the whole topology), waits (bounded) until its relay has published the import's
+   outbox rows, mints one clinician token per facility for
    the server's own keys (:func:`gateway.security.tokens.mint`), writes them with the patient ids
    to the JSON file the k6 scripts ``open()``, warms the server up with a few sequential
    requests, runs each scenario of ``--scenarios`` with
@@ -57,8 +63,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
-import functools
 import json
 import os
 import platform
@@ -66,8 +70,6 @@ import random
 import re
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -75,23 +77,39 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any, Final
+
+from .processes import (
+    ProcessError,
+    Server,
+    base_env,
+    free_port,
+    http_get,
+    http_request,
+    last_line,
+    log,
+    python_module,
+    run_logged,
+    sigterm_as_interrupt,
+    start_script_service,
+    tail,
+)
+from .topology import rsa_jwks
 
 ROOT: Final = Path(__file__).parent.parent  # __file__ is absolute: no I/O at import
 DEFAULT_K6_SCRIPTS: Final = ROOT / "k6"
-POSTGRES_SCRIPT: Final = ROOT / "scripts" / "postgres.sh"
+
 
 DEFAULT_PATIENTS: Final = 2000
 DEFAULT_FACILITIES: Final = 4
 DEFAULT_SEED: Final = 42
 DEFAULT_DURATION: Final = "15s"
 DEFAULT_VUS: Final = 32
-TARGETS: Final = ("embedded", "postgres")
+TARGETS: Final = ("embedded", "postgres", "production")
 SUMMARY_ENCOUNTERS: Final = 5
 PAGE_SIZE: Final = 10
 WARM_UP_PATIENTS: Final = 20
@@ -141,6 +159,20 @@ SCENARIOS: Final[dict[str, Scenario]] = {
             "mixed clinician 90/10 Pareto",
             "35% summary, 30% observations, 25% read Patient, 10% create Observation; Pareto-hot patients",
         ),
+        Scenario(
+            "graphql-summary",
+            "graphql_summary.js",
+            "GraphQL summary (1 patient)",
+            "POST /graphql: one patient with encounters, allergies, conditions, latest vitals and active "
+            "medication requests (three subgraphs; gateway.federation.bench.SUMMARY), uniform patients",
+        ),
+        Scenario(
+            "graphql-ward",
+            "graphql_ward.js",
+            "GraphQL ward (30 patients)",
+            "POST /graphql: the first 30 patients of a facility with latest vitals, active medication "
+            "requests and allergies (gateway.federation.bench.WARD), uniform facilities",
+        ),
     )
 }
 CEILING: Final = Scenario(
@@ -153,14 +185,11 @@ CEILING_AGAIN: Final = Scenario(
     "the ceiling once more after the targets: its spread says how steady the machine was",
 )
 NOT_YET_AVAILABLE: Final = (
-    ("summary warm / cold", "needs the summary cache (federation issue); today's summary row is uncached"),
-    ("graphql summary", "GraphQL single-patient summary (federation issue)"),
-    ("graphql ward (30 patients)", "GraphQL 30-patient ward query (federation issue)"),
-    ("production topology", "Redis + Kafka + Faust + separate subgraph processes (streams/federation issues)"),
+    ("summary warm / cold", "a separate warm and cold split; today's summary row fills the cache during the run"),
 )
 
 
-class BenchError(RuntimeError):
+class BenchError(ProcessError):
     """A step of the bench failed; the message says which and includes the relevant log tail."""
 
 
@@ -179,6 +208,8 @@ class BenchOptions:
     k6: Path | None = None
     k6_scripts: Path = DEFAULT_K6_SCRIPTS
     postgres_url: str | None = None
+    redis_url: str | None = None  # production target: reuse this Redis (else scripts/redis.sh)
+    kafka: str | None = None  # production target: reuse this Kafka bootstrap (else scripts/kafka.sh)
     work_dir: Path | None = None
     keep: bool = False
     startup_timeout: float = 90.0
@@ -295,132 +326,7 @@ def parse_duration(text: str) -> float:
 
 
 def _log(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    """A loopback TCP port that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _last_line(path: Path) -> str:
-    lines = [line for line in _tail(path).splitlines() if line.strip()]
-    return lines[-1].strip() if lines else "(empty log)"
-
-
-def _tail(path: Path, chars: int = 3000) -> str:
-    try:
-        return path.read_text(errors="replace")[-chars:]
-    except OSError:
-        return ""
-
-
-@functools.cache
-def _libc() -> Any:
-    return ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
-
-
-def _child_setup() -> Callable[[], None] | None:
-    """A ``preexec_fn`` asking Linux to SIGTERM the child when the bench dies (PR_SET_PDEATHSIG)."""
-    libc = _libc()
-    if libc is None:
-        return None
-
-    def setup() -> None:
-        libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG = 1
-
-    return setup
-
-
-def _kill_group(proc: subprocess.Popen[Any], sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, sig)
-
-
-def _stop(proc: subprocess.Popen[bytes], grace: float) -> None:
-    """TERM the child's process group, wait up to ``grace`` seconds, then KILL it (bounded)."""
-    if proc.poll() is None:
-        _kill_group(proc, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=grace)
-    _kill_group(proc, signal.SIGKILL)  # stragglers of the group, even when the leader exited
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=5)
-
-
-def _spawn(argv: Sequence[str], env: dict[str, str], log: Path, cwd: Path | None = None) -> subprocess.Popen[bytes]:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            list(argv),
-            env=env,
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_child_setup(),  # only prctl(2): no locks, no allocation
-        )
-
-
-def run_logged(argv: Sequence[str], env: dict[str, str], log: Path, timeout: float, what: str) -> int:
-    """Run a command to completion with its output in ``log``; return its exit status.
-
-    Raises :class:`BenchError` (with the log tail) when it outlives ``timeout``; the child's whole
-    process group is killed on timeout, error or interruption.
-    """
-    proc = _spawn(argv, env, log)
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"{what} did not finish within {timeout:.0f}s; log {log}:\n{_tail(log)}") from None
-    finally:
-        _stop(proc, grace=5)
-
-
-class Server:
-    """A long-running child (``unihealth serve`` or the ceiling) answering ``GET /healthz``."""
-
-    def __init__(self, name: str, argv: Sequence[str], env: dict[str, str], log: Path, port: int) -> None:
-        self.name, self.argv, self.env, self.log, self.port = name, list(argv), env, log, port
-        self.base = f"http://127.0.0.1:{port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float) -> None:
-        """Start and wait (bounded) until ``/healthz`` answers 200; BenchError with the log otherwise."""
-        self.proc = _spawn(self.argv, self.env, self.log)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise BenchError(
-                    f"{self.name} exited with status {self.proc.returncode}: {_last_line(self.log)}\n{_tail(self.log)}"
-                )
-            with contextlib.suppress(OSError):
-                if http_get(f"{self.base}/healthz", {}, timeout=1)[0] == 200:
-                    return
-            if time.monotonic() > deadline:
-                raise BenchError(f"{self.name} did not answer /healthz within {timeout:.0f}s:\n{_tail(self.log)}")
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        """Idempotent, bounded (TERM, 15 s grace, KILL)."""
-        if self.proc is not None:
-            _stop(self.proc, grace=15)
-
-
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only: never a proxy
-
-
-def http_get(url: str, headers: dict[str, str], timeout: float = 10) -> tuple[int, bytes]:
-    """GET ``url`` (no proxy); (status, body) for any HTTP status, OSError for transport failures."""
-    request = urllib.request.Request(url, headers=headers)
-    try:
-        with _OPENER.open(request, timeout=timeout) as response:
-            return int(response.status), response.read()
-    except urllib.error.HTTPError as exc:
-        return int(exc.code), exc.read()
+    log("bench", message)
 
 
 def _load() -> list[float]:
@@ -452,12 +358,6 @@ def k6_version(k6: Path) -> str:
     out = subprocess.run([str(k6), "version"], capture_output=True, text=True, timeout=30, check=False)
     match = re.search(r"v\d+\.\d+\.\d+\S*", out.stdout)
     return match.group(0) if match else out.stdout.strip()
-
-
-def _base_env() -> dict[str, str]:
-    """This process's environment without any ``UNIHEALTH_*`` or proxy setting (each target sets its own)."""
-    drop = ("http_proxy", "https_proxy", "all_proxy")
-    return {k: v for k, v in os.environ.items() if not k.startswith("UNIHEALTH_") and k.lower() not in drop}
 
 
 # --------------------------------------------------------------------------- data
@@ -518,8 +418,18 @@ def write_k6_data(path: Path, base: str, tokens: dict[str, str], population: Pop
         ],
         "encounters": SUMMARY_ENCOUNTERS,
         "page_size": PAGE_SIZE,
+        "graphql": f"{base}/graphql",
+        "queries": graphql_queries(),
     }
     path.write_text(json.dumps(document))
+
+
+def graphql_queries() -> dict[str, str]:
+    """The GraphQL operations of the k6 scenarios: the shapes the federation benchmark measures
+    (:mod:`gateway.federation.bench`), so the two benches ask the same questions."""
+    from .federation.bench import SUMMARY, WARD
+
+    return {"summary": SUMMARY, "ward": WARD}
 
 
 # --------------------------------------------------------------------------- k6
@@ -589,11 +499,11 @@ def run_k6(
         "-e", f"UNIHEALTH_BENCH_DATA={data}",
         str(script),
     ]  # fmt: skip
-    env = {**_base_env(), "K6_NO_USAGE_REPORT": "true"}
+    env = {**base_env(), "K6_NO_USAGE_REPORT": "true"}
     timeout = parse_duration(duration) + 30 + 60  # the run, k6's 30 s graceful stop, start-up and teardown
     status = run_logged(argv, env, log, timeout, f"k6 {script.name}")
     if status not in (0, 99) or not summary.exists():
-        raise BenchError(f"k6 {script.name} failed with status {status}: {_last_line(log)}\n{_tail(log)}")
+        raise BenchError(f"k6 {script.name} failed with status {status}: {last_line(log)}\n{tail(log)}")
     return {**parse_summary(summary), "k6_exit": status}
 
 
@@ -640,23 +550,6 @@ class Provisioned:
 
 
 _UNPUBLISHED: Final = "SELECT count(*) FROM outbox WHERE published_at IS NULL"
-
-
-def _rsa_jwks(directory: Path) -> tuple[str, Path]:
-    """A fresh RSA key: (private PEM, path of a JWKS file holding its public half, kid ``bench``)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    from jwt.algorithms import RSAAlgorithm
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ).decode()
-    jwk = RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
-    jwk.update({"kid": "bench", "use": "sig", "alg": "RS256"})
-    path = directory / "jwks.json"
-    path.write_text(json.dumps({"keys": [jwk]}))
-    return pem, path
 
 
 def _asyncpg_dsn(url: str, database: str | None = None, user: str | None = None, password: str | None = None) -> str:
@@ -714,43 +607,8 @@ def _postgres_database(stack: contextlib.ExitStack, options: BenchOptions, work:
             raise BenchError(f"creating database {name} on --postgres-url failed: {exc!r}") from exc
         stack.callback(_pg_cleanup, options.postgres_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         return _sqlalchemy_url(_asyncpg_dsn(options.postgres_url, name)), True
-    log = work / "logs" / "postgres.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
     _log("starting a throw-away PostgreSQL (scripts/postgres.sh)")
-
-    def stop(directory: str) -> None:
-        _log("stopping PostgreSQL")
-        with contextlib.suppress(subprocess.TimeoutExpired, OSError):
-            subprocess.run([str(POSTGRES_SCRIPT), "stop", directory], capture_output=True, timeout=60, check=False)
-
-    # Its own session: a Ctrl-C in the terminal must not kill it half-way, leaving a server whose
-    # directory nobody knows. On interruption it may finish (bounded), and what it started is stopped.
-    proc = subprocess.Popen(
-        [str(POSTGRES_SCRIPT)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc, signal.SIGKILL)
-        raise BenchError("scripts/postgres.sh did not finish within 600s") from None
-    except KeyboardInterrupt:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            out, _ = proc.communicate(timeout=90)
-            if proc.returncode == 0 and len(out.split()) == 2:
-                stop(out.split()[1])
-        _kill_group(proc, signal.SIGKILL)
-        raise
-    log.write_text(err)
-    fields = out.split()
-    if proc.returncode != 0 or len(fields) != 2:
-        raise BenchError(f"scripts/postgres.sh failed (status {proc.returncode}):\n{err[-3000:]}")
-    url, directory = fields
-    stack.callback(stop, directory)
+    url, _ = start_script_service("postgres.sh", stack, work / "logs" / "postgres.log", prefix="bench")
     return url, False
 
 
@@ -784,7 +642,7 @@ def provision(target: str, stack: contextlib.ExitStack, options: BenchOptions, w
     directory = work / target
     directory.mkdir(parents=True, exist_ok=True)
     env = {
-        **_base_env(),
+        **base_env(),
         "UNIHEALTH_DATA_DIR": str(directory),
         "UNIHEALTH_SECRET_KEY": secrets.token_urlsafe(48),
     }
@@ -798,7 +656,7 @@ def provision(target: str, stack: contextlib.ExitStack, options: BenchOptions, w
         info = TargetInfo(target, "embedded", "sqlite", "HS256")
         return Provisioned(env, env, mint_embedded, info, _sqlite_backlog(directory / "unihealth.db"))
     if target == "postgres":
-        pem, jwks = _rsa_jwks(directory)
+        pem, jwks = rsa_jwks(directory, "bench")
         owner, external = _postgres_database(stack, options, work)
         suffix = f"_{secrets.token_hex(3)}" if external else ""
         edge_role, relay_role = f"unihealth_bench_edge{suffix}", f"unihealth_bench_relay{suffix}"
@@ -880,8 +738,9 @@ def wait_for_outbox(backlog: Callable[[], int | None], timeout: float, target: s
 
 
 def warm_up(base: str, tokens: dict[str, str], population: Population) -> None:
-    """A few sequential reads per kind (summary, observations, Patient) so the first k6 second does
-    not pay for connection pools and statement preparation; BenchError unless each answers 200."""
+    """A few sequential reads per kind (summary, observations, Patient; a GraphQL summary and ward
+    per facility) so the first k6 second does not pay for connection pools and statement
+    preparation; BenchError unless each answers 200 (GraphQL: without ``errors``)."""
     fhir = f"{base}/fhir/r5"
     for i in range(min(WARM_UP_PATIENTS, len(population.ids))):
         pid, facility = population.ids[i], population.facilities[population.facility_of[i]]
@@ -897,13 +756,25 @@ def warm_up(base: str, tokens: dict[str, str], population: Population) -> None:
                 raise BenchError(f"warm-up GET {path} failed: {exc}") from None
             if status != 200:
                 raise BenchError(f"warm-up GET {path} answered {status}: {body[:500]!r}")
+    queries = graphql_queries()
+    for i in range(min(len(population.facilities), len(population.ids))):  # one of each per facility
+        pid, facility = population.ids[i], population.facilities[population.facility_of[i]]
+        headers = {
+            "Authorization": f"Bearer {tokens[facility]}",
+            "X-Facility-Id": facility,
+            "Content-Type": "application/json",
+        }
+        for name, variables in (("summary", {"id": pid}), ("ward", {})):
+            payload = json.dumps({"query": queries[name], "variables": variables}).encode()
+            try:
+                status, body = http_request(f"{base}/graphql", headers, payload, timeout=60)
+            except OSError as exc:
+                raise BenchError(f"warm-up GraphQL {name} failed: {exc}") from None
+            if status != 200 or b'"errors"' in body:
+                raise BenchError(f"warm-up GraphQL {name} answered {status}: {body[:500]!r}")
 
 
 # --------------------------------------------------------------------------- the run
-
-
-def _python_module(module: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", module, *args]
 
 
 def run_bench(options: BenchOptions) -> BenchReport:
@@ -971,8 +842,8 @@ def _start_ceiling(stack: contextlib.ExitStack, options: BenchOptions, work: Pat
     """Start the ceiling app (stopped when ``stack`` closes); returns its k6 data file. It stays up,
     idle, while the targets run, and is measured before and after them."""
     port = free_port()
-    argv = _python_module("gateway.bench_ceiling", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning")
-    server = Server("the ceiling app", argv, _base_env(), work / "logs" / "ceiling.log", port)
+    argv = python_module("gateway.bench_ceiling", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning")
+    server = Server("the ceiling app", argv, base_env(), work / "logs" / "ceiling.log", port)
     stack.callback(server.stop)
     _log("starting the ceiling (hello-world Starlette, same uvicorn settings)")
     server.start(options.startup_timeout)
@@ -1004,6 +875,105 @@ def _relate_to_ceiling(report: BenchReport) -> None:
         row.ceiling_pct = round(100.0 * row.rps / report.ceiling_rps, 1) if report.ceiling_rps else None
 
 
+def _import(target: str, env: dict[str, str], ndjson: Path, options: BenchOptions, logs: Path, resources: int) -> None:
+    """``unihealth import`` of the demo data as a subprocess with ``env`` (bounded)."""
+    _log(f"{target}: importing {resources} resources")
+    log_file = logs / f"{target}.import.log"
+    status = run_logged(
+        python_module("gateway.cli", "import", str(ndjson)),
+        env,
+        log_file,
+        options.import_timeout,
+        f"unihealth import ({target})",
+    )
+    if status != 0:
+        raise BenchError(
+            f"unihealth import ({target}) failed (status {status}): {last_line(log_file)}\n{tail(log_file)}"
+        )
+
+
+def _start_single(
+    info: TargetInfo, stack: contextlib.ExitStack, options: BenchOptions, work: Path, ndjson: Path, resources: int
+) -> tuple[str, Callable[[str], str], list[Server]]:
+    """embedded / postgres: one ``unihealth serve`` over a fresh, imported database; fills ``info``."""
+    target = info.name
+    logs = work / "logs"
+    prepared = provision(target, stack, options, work)
+    info.profile, info.database, info.token_algorithm = (
+        prepared.info.profile,
+        prepared.info.database,
+        prepared.info.token_algorithm,
+    )
+    began = time.monotonic()
+    _import(target, prepared.import_env, ndjson, options, logs, resources)
+    prepared.after_import()
+    info.import_seconds = round(time.monotonic() - began, 1)
+    _log(f"{target}: imported in {info.import_seconds}s ({info.profile} profile, {info.database})")
+    port = free_port()
+    server = Server(
+        f"unihealth serve ({target})",
+        python_module("gateway.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"),
+        prepared.serve_env,
+        logs / f"{target}.serve.log",
+        port,
+    )
+    stack.callback(server.stop)
+    server.start(options.startup_timeout)
+    info.outbox_backlog, info.drain_seconds = wait_for_outbox(prepared.backlog, options.drain_timeout, target)
+    _log(f"{target}: relay published {info.outbox_backlog} outbox rows in {info.drain_seconds}s")
+    return server.base, prepared.mint_token, [server]
+
+
+def _start_production(
+    info: TargetInfo, stack: contextlib.ExitStack, options: BenchOptions, work: Path, ndjson: Path, resources: int
+) -> tuple[str, Callable[[str], str], list[Server]]:
+    """production: ``compose.yml``'s topology as processes (:mod:`gateway.topology`) — PostgreSQL
+    (a fresh database), Redis, Kafka, three subgraph processes, the edge, the relay and the Faust
+    worker, every process a row-level-security login — with the demo data imported as the owner."""
+    from .topology import Topology, TopologyOptions
+
+    target = info.name
+    info.profile, info.database, info.token_algorithm = (
+        "production",
+        "postgresql+redis+kafka, 3 subgraph processes, relay, worker",
+        "RS256",
+    )
+    owner = None
+    if options.postgres_url:
+        owner, _ = _postgres_database(stack, options, work)
+    topology = Topology(
+        TopologyOptions(
+            postgres_url=owner,
+            redis_url=options.redis_url,
+            kafka_bootstrap=options.kafka,
+            work_dir=work / target,
+            ports="free",
+            startup_timeout=max(options.startup_timeout, 120.0),
+        )
+    )
+    stack.callback(topology.down)
+    _log(f"{target}: starting the topology of compose.yml as processes (logs in {topology.options.work_dir})")
+    topology.up()
+    began = time.monotonic()
+    _import(target, topology.import_env(), ndjson, options, work / "logs", resources)
+    try:
+        asyncio.run(_pg_execute(topology.owner_url, "ANALYZE"))
+    except Exception as exc:  # asyncpg's errors: this target's failure
+        raise BenchError(f"ANALYZE after the import failed: {exc!r}") from exc
+    info.import_seconds = round(time.monotonic() - began, 1)
+    _log(f"{target}: imported in {info.import_seconds}s")
+
+    def backlog() -> int | None:
+        try:
+            return asyncio.run(_pg_count(topology.owner_url, _UNPUBLISHED))
+        except Exception:  # the count is advisory: never fail the bench on it
+            return None
+
+    info.outbox_backlog, info.drain_seconds = wait_for_outbox(backlog, options.drain_timeout, target)
+    _log(f"{target}: the relay process published {info.outbox_backlog} outbox rows in {info.drain_seconds}s")
+    return topology.edge_url, topology.mint_token, list(topology.servers.values())
+
+
 def _run_target(
     report: BenchReport,
     target: str,
@@ -1015,44 +985,15 @@ def _run_target(
 ) -> None:
     logs = work / "logs"
     info = TargetInfo(target, "?", "?", "?")
+    report.targets.append(info)
     with contextlib.ExitStack() as stack:
         try:
-            prepared = provision(target, stack, options, work)
-            info = prepared.info
-            _log(f"{target}: importing {report.resources} resources ({info.profile} profile, {info.database})")
-            began = time.monotonic()
-            status = run_logged(
-                _python_module("gateway.cli", "import", str(ndjson)),
-                prepared.import_env,
-                logs / f"{target}.import.log",
-                options.import_timeout,
-                f"unihealth import ({target})",
-            )
-            if status != 0:
-                log = logs / f"{target}.import.log"
-                raise BenchError(
-                    f"unihealth import ({target}) failed (status {status}): {_last_line(log)}\n{_tail(log)}"
-                )
-            prepared.after_import()
-            info.import_seconds = round(time.monotonic() - began, 1)
-            _log(f"{target}: imported in {info.import_seconds}s")
-            port = free_port()
-            server = Server(
-                f"unihealth serve ({target})",
-                _python_module("gateway.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-                               "--log-level", "warning"),
-                prepared.serve_env,
-                logs / f"{target}.serve.log",
-                port,
-            )  # fmt: skip
-            stack.callback(server.stop)
-            server.start(options.startup_timeout)
-            info.outbox_backlog, info.drain_seconds = wait_for_outbox(prepared.backlog, options.drain_timeout, target)
-            _log(f"{target}: relay published {info.outbox_backlog} outbox rows in {info.drain_seconds}s")
-            tokens = {f: prepared.mint_token(f) for f in population.facilities}
+            start = _start_production if target == "production" else _start_single
+            base, mint_token, servers = start(info, stack, options, work, ndjson, report.resources)
+            tokens = {f: mint_token(f) for f in population.facilities}
             data = work / f"k6-{target}.json"
-            write_k6_data(data, server.base, tokens, population)
-            warm_up(server.base, tokens, population)
+            write_k6_data(data, base, tokens, population)
+            warm_up(base, tokens, population)
             for name in options.scenarios:
                 scenario = SCENARIOS[name]
                 _log(f"{target}: k6 {name}: {options.vus} VUs for {options.duration}")
@@ -1060,15 +1001,14 @@ def _run_target(
                     k6, options.k6_scripts / scenario.script, data,
                     vus=options.vus, duration=options.duration, out_dir=logs, tag=f"{target}.{name}",
                 )  # fmt: skip
-                if server.proc is not None and server.proc.poll() is not None:
-                    raise BenchError(f"unihealth serve ({target}) died during {name}:\n{_tail(server.log)}")
+                for server in servers:
+                    if not server.alive:
+                        raise BenchError(f"{server.name} ({target}) died during {name}:\n{tail(server.log)}")
                 report.rows.append(_row(target, scenario, result))
-        except BenchError as exc:
+        except ProcessError as exc:
             info.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             info.logs = str(logs)
             _log(f"{target} FAILED: {exc}")
-        finally:
-            report.targets.append(info)
 
 
 # --------------------------------------------------------------------------- output
@@ -1176,8 +1116,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Bench's options (shared by ``unihealth bench`` and ``python -m gateway.bench``)."""
     parser.add_argument(
         "--patients", type=_positive, default=DEFAULT_PATIENTS,
-        help=f"demo patients to load (~35 resources each; default {DEFAULT_PATIENTS}, sized so the whole bench "
-        "takes ~6 minutes on 2 cores; the load-test issue suggests 10000)",
+        help=f"demo patients to load (~35 resources each; default {DEFAULT_PATIENTS}, sized for 2 cores; "
+        "the load-test issue suggests 10000)",
     )  # fmt: skip
     parser.add_argument("--facilities", type=_positive, default=DEFAULT_FACILITIES)
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
@@ -1200,6 +1140,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="use this PostgreSQL server (a fresh database is created on it and dropped) instead of "
         "starting a throw-away one with scripts/postgres.sh",
     )  # fmt: skip
+    parser.add_argument(
+        "--redis-url", default=None,
+        help="production target: use this Redis (redis://host:port/db) instead of starting one with scripts/redis.sh",
+    )  # fmt: skip
+    parser.add_argument(
+        "--kafka", default=None,
+        help="production target: use this Kafka bootstrap (host:port; the worker gets its own consumer group) "
+        "instead of starting a broker with scripts/kafka.sh",
+    )  # fmt: skip
     parser.add_argument("--work-dir", type=Path, default=None, help="keep data, logs and summaries here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary work directory")
     parser.add_argument("--startup-timeout", type=float, default=90.0, help="seconds a server may take to start")
@@ -1214,7 +1163,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     """Add ``bench`` to the ``unihealth`` CLI's sub-parsers; returns the new parser."""
     parser = subparsers.add_parser(
         "bench",
-        help="load-test the gateway with k6 (embedded and PostgreSQL) against a hello-world ceiling",
+        help="load-test the gateway with k6 (embedded, PostgreSQL, production topology) against a hello-world ceiling",
         description="Provision each target, run the k6 scenarios in k6/ and print one table (also written as JSON).",
     )
     add_arguments(parser)
@@ -1235,6 +1184,8 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         k6=args.k6,
         k6_scripts=args.k6_scripts,
         postgres_url=args.postgres_url,
+        redis_url=args.redis_url,
+        kafka=args.kafka,
         work_dir=args.work_dir,
         keep=args.keep,
         startup_timeout=args.startup_timeout,
@@ -1243,26 +1194,12 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     )
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so every ``finally`` stops what it started."""
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def cmd_bench(args: argparse.Namespace) -> None:
     """Run the bench, print the table on stdout, write the JSON; exit 1 if a target failed, 130 on Ctrl-C."""
     options = options_from_args(args)
     json_out = options.json_out or default_json_out()
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             report = run_bench(options)
     except KeyboardInterrupt:
         _log("interrupted; every process the bench started has been stopped")

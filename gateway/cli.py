@@ -3,7 +3,8 @@
 Sub-commands: ``serve`` (the edge; ``--demo`` loads deterministic demo data first), ``demo-data``
 (write synthetic NDJSON), ``import`` (load NDJSON or Bundles), ``token`` (development tokens),
 ``subgraph`` (one GraphQL subgraph as its own process), ``audit verify``, ``btg list|review``,
-``bench`` (k6 scenarios against the embedded and PostgreSQL targets), ``migrate``. Settings come
+``bench`` (k6 scenarios against the embedded, PostgreSQL and production targets), ``topology up``
+(compose.yml's services as plain processes), ``migrate``. Settings come
 from ``UNIHEALTH_*`` variables (see :mod:`gateway.settings`).
 """
 
@@ -371,9 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
     from subgraphs.cli import add_subgraph_parser
 
     from .bench import add_bench_parser
+    from .topology import add_topology_parser
 
     add_subgraph_parser(sub)
     add_bench_parser(sub)
+    add_topology_parser(sub)
     add_streams_parser(sub)
 
     reindex = sub.add_parser("reindex", help="re-extract the search index of stored resources")

@@ -54,6 +54,7 @@ class Settings:
     btg_roles: tuple[str, ...] = ("clinician",)
     smart_token_endpoint: str = ""
     smart_authorization_endpoint: str = ""
+    graphql_subgraphs: str = ""  # UNIHEALTH_SUBGRAPHS: name=url,... (see gateway.graphql_app); empty: in-process
 
     @property
     def is_sqlite(self) -> bool:
@@ -205,4 +206,5 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         btg_roles=tuple(r.strip() for r in env.get("UNIHEALTH_BTG_ROLES", "clinician").split(",") if r.strip()),
         smart_token_endpoint=env.get("UNIHEALTH_SMART_TOKEN_ENDPOINT", ""),
         smart_authorization_endpoint=env.get("UNIHEALTH_SMART_AUTHORIZATION_ENDPOINT", ""),
+        graphql_subgraphs=str(overrides.get("graphql_subgraphs") or env.get("UNIHEALTH_SUBGRAPHS", "")),
     )

@@ -8,9 +8,14 @@
 //     "facilities": [{ "id": "fac-001", "token": "<JWT>" }, ...],
 //     "patients": [{ "id": "<uuid>", "f": 0, "c": 0.0123 }, ...],  // f: index into facilities,
 //                                                                   // c: cumulative Pareto weight
-//     "encounters": 5, "page_size": 10 }
+//     "encounters": 5, "page_size": 10,
+//     "graphql": "http://127.0.0.1:PORT/graphql",   // the edge's federated graph
+//     "queries": { "summary": "query Summary($id: ID!) {...}", "ward": "query Ward {...}" } }
+// The GraphQL operations come from gateway/federation/bench.py (SUMMARY, WARD), written here by the
+// bench, so this load test and the federation benchmark ask the same questions.
 // Tokens are real access tokens minted for the server's own keys (HS256 development key for the
 // embedded profile, RS256 against UNIHEALTH_JWKS for production), one clinician per facility.
+import http from 'k6/http';
 import { SharedArray } from 'k6/data';
 
 const DATA_PATH = __ENV.UNIHEALTH_BENCH_DATA;
@@ -25,6 +30,8 @@ export const config = {
   fhir: raw.fhir,
   encounters: raw.encounters || 5,
   pageSize: raw.page_size || 10,
+  graphql: raw.graphql || `${raw.base}/graphql`,
+  queries: raw.queries || {},
 };
 export const facilities = raw.facilities || [];
 export const patients = new SharedArray('patients', () => JSON.parse(open(DATA_PATH)).patients || []);
@@ -139,4 +146,28 @@ export function vitalSign(subject) {
       code: unit,
     },
   };
+}
+
+// A uniformly chosen facility (with its token).
+export function uniformFacility() {
+  return facilities[Math.floor(Math.random() * facilities.length)];
+}
+
+// POST one GraphQL operation to the edge as `facility`; the body is kept so callers can check it.
+export function graphqlPost(facility, query, variables, name) {
+  return http.post(config.graphql, JSON.stringify({ query, variables: variables || {} }), {
+    headers: {
+      Authorization: `Bearer ${facility.token}`,
+      'X-Facility-Id': facility.id,
+      'Content-Type': 'application/json',
+      Accept: 'application/json',
+    },
+    tags: { name },
+    responseType: 'text',
+  });
+}
+
+// A GraphQL answer counts as good when it is a 200 with data and no `errors` key.
+export function graphqlOk(res) {
+  return res.status === 200 && typeof res.body === 'string' && res.body.indexOf('"errors"') < 0 && res.body.indexOf('"data"') >= 0;
 }

