@@ -50,6 +50,8 @@ class Settings:
     btg_roles: tuple[str, ...] = ("clinician",)
     smart_token_endpoint: str = ""
     smart_authorization_endpoint: str = ""
+    metrics: bool = True  # /metrics and the request-duration histograms (docs/operations.md)
+    log_format: str = "text"  # text | json (default json in the production profile)
 
     @property
     def is_sqlite(self) -> bool:
@@ -129,6 +131,17 @@ def _choice(
     return value
 
 
+def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("1", "on", "true", "yes"):
+        return True
+    if raw in ("0", "off", "false", "no"):
+        return False
+    raise SettingsError(f"{name} must be on or off, got {raw!r}")
+
+
 def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
     """Build :class:`Settings` from ``env`` (default ``os.environ``) plus explicit overrides.
 
@@ -185,4 +198,12 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         btg_roles=tuple(r.strip() for r in env.get("UNIHEALTH_BTG_ROLES", "clinician").split(",") if r.strip()),
         smart_token_endpoint=env.get("UNIHEALTH_SMART_TOKEN_ENDPOINT", ""),
         smart_authorization_endpoint=env.get("UNIHEALTH_SMART_AUTHORIZATION_ENDPOINT", ""),
+        metrics=bool(overrides["metrics"]) if "metrics" in overrides else _switch(env, "UNIHEALTH_METRICS", True),
+        log_format=_choice(
+            env,
+            overrides,
+            "log_format",
+            "UNIHEALTH_LOG_FORMAT",
+            ("json", "text") if profile == "production" else ("text", "json"),
+        ),
     )
