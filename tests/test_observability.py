@@ -307,10 +307,13 @@ def test_text_and_json_log_formats() -> None:
     with pytest.raises(ValueError, match="log format"):
         logging_config("xml")
     record = logging.LogRecord("unihealth.x", logging.ERROR, __file__, 1, "boom %s", ("now",), None)
+    record.color_message = "\x1b[36mboom\x1b[0m"  # uvicorn's ANSI copy of the message stays out
+    record.route = "/fhir/r5/{type}"
     ContextFilter("worker").filter(record)
     out = json.loads(JsonFormatter().format(record))
     assert out["msg"] == "boom now" and out["service"] == "worker" and out["level"] == "error"
     assert out["request_id"] == "" and out["ts"].endswith("Z")
+    assert out["route"] == "/fhir/r5/{type}" and "color_message" not in out
 
 
 # ---------------------------------------------------------------------------------- readiness

@@ -28,7 +28,8 @@ from .request_id import REQUEST_ID
 LogFormat = Literal["json", "text"]
 LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
 TEXT_FORMAT = "[%(asctime)s] %(levelname)s %(name)s [%(request_id)s]: %(message)s"
-_STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "request_id", "service"}
+_OURS = {"message", "asctime", "request_id", "service", "color_message"}  # color_message: uvicorn's ANSI copy
+_STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | _OURS
 
 
 class ContextFilter(logging.Filter):
