@@ -295,10 +295,15 @@ class Registry:
             return []
 
     async def collect(self) -> list[Metric]:
-        """Snapshots of every family, then what the collectors return (concurrently)."""
+        """Snapshots of every family, then what the collectors return (run concurrently; families
+        of the same name are merged, a clashing kind is dropped)."""
         gathered = await asyncio.gather(*(self._run(n, c) for n, c in list(self._collectors.values())))
-        families = [f.snapshot() for _, f in sorted(self._families.items())]
-        return families + [m for batch in gathered for m in batch]
+        out = {name: family.snapshot() for name, family in sorted(self._families.items())}
+        for metric in (m for batch in gathered for m in batch):
+            same = out.setdefault(metric.name, Metric(metric.name, metric.kind, metric.help))
+            if same.kind == metric.kind:  # one family per name, even if two collectors report it
+                same.samples.extend(metric.samples)
+        return list(out.values())
 
     async def exposition(self) -> bytes:
         """The text page of :meth:`collect`."""

@@ -11,10 +11,11 @@ Contract:
   may run at once on PostgreSQL) until SIGTERM or SIGINT, then lets the current drain finish
   (bounded by ``shutdown_timeout``), flushes the producer and exits 0. An unreachable broker at
   start is retried with backoff, as are failed drains.
-* With ``metrics_port`` it serves ``/healthz`` (200 while the relay loop runs) and ``/metrics``:
-  ``unihealth_outbox_unpublished`` (rows), ``unihealth_outbox_oldest_unpublished_age_seconds``,
+* While it runs, its collectors are on :data:`streams.metrics.REGISTRY`: ``unihealth_outbox_unpublished``
+  (rows), ``unihealth_outbox_oldest_unpublished_age_seconds`` (read on scrape),
   ``unihealth_relay_published_total``, ``unihealth_relay_held_back_total`` and
-  ``unihealth_relay_failed_drains_total``.
+  ``unihealth_relay_failed_drains_total``. With ``metrics_port`` it serves them on ``/metrics``, and
+  ``/healthz`` (200 while the relay loop runs).
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from starlette.applications import Starlette
 
 from gateway.app import create_app
 from gateway.graphql_app import FederationSettings
+from gateway.observability.endpoints import observability_routes
 from gateway.observability.logs import ContextFilter, JsonFormatter, logging_config
 from gateway.observability.request_id import accept
 from gateway.settings import load_settings
@@ -364,3 +365,61 @@ async def test_metrics_off_serves_no_metrics_route(tmp_path: Path) -> None:
         assert (await http.get("/metrics")).status_code == 404
         r = await http.get("/readyz")
         assert r.status_code == 200 and r.headers["x-request-id"]
+
+
+async def test_an_unexpected_error_is_a_500_with_the_request_id_in_the_response_log_and_metrics() -> None:
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from fhir_rest.outcome import render_unexpected
+    from gateway.observability.asgi import ObservedApp
+
+    async def broken(request: Request) -> Response:
+        raise RuntimeError("a bug")
+
+    app = ObservedApp(
+        service="test-500",
+        routes=[Route("/broken/{id}", broken), *observability_routes(metrics=True)],
+        exception_handlers={Exception: render_unexpected},
+    )
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://t"
+    ) as http:
+        with json_logs() as log:
+            r = await http.get("/broken/secret-id-123", headers={"X-Request-Id": "req-500"})
+        _, after = await scrape(http)
+    assert r.status_code == 500 and r.headers["x-request-id"] == "req-500"
+    assert "Traceback" not in r.text and "a bug" not in r.text
+    records = [x for x in lines(log.getvalue()) if x["logger"] != "httpx"]
+    assert {x["request_id"] for x in records} == {"req-500"}
+    assert any("RuntimeError: a bug" in x.get("exc", "") for x in records), "the details go to the log"
+    access = [x for x in records if x["logger"] == "unihealth.access"]
+    assert [(x["route"], x["status"]) for x in access] == [("/broken/{id}", 500)]
+    assert after[key(HTTP, service="test-500", route="/broken/{id}", method="GET", status="5xx")] == 1
+
+
+async def test_the_edge_serves_the_outbox_backlog_when_it_runs_the_relay(
+    backend: str, settings_for: Any, facility: str, request: pytest.FixtureRequest
+) -> None:
+    """On PostgreSQL through the relay's own role: the edge's runtime role sees no outbox rows."""
+    extra = {"relay_database_url": request.getfixturevalue("postgres_relay_url")} if backend == "postgresql" else {}
+    app = create_app(settings_for(backend, relay="inline", **extra))
+    async with app.router.lifespan_context(app), edge_client(app, facility) as http:
+        await create_fhir(http, patient())
+        for _ in range(100):
+            _, now = await scrape(http)
+            if now.get("unihealth_outbox_unpublished") == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert now["unihealth_outbox_unpublished"] == 0, "the relay published the write and its access record"
+        assert now["unihealth_outbox_oldest_unpublished_age_seconds"] == 0
+    async with app.router.lifespan_context(app), local(app) as http:
+        page = (await http.get("/metrics")).text
+    assert page.count("# TYPE unihealth_outbox_unpublished gauge") == 1, "one collector per running app"
+
+
+async def test_no_outbox_backlog_on_an_edge_without_a_relay(app: Starlette) -> None:
+    async with local(app) as http:
+        page = (await http.get("/metrics")).text
+    assert "unihealth_outbox_unpublished" not in page, "its runtime role could not count every facility's rows"
