@@ -100,6 +100,7 @@ async def test_rest_requests_are_timed_by_route_template_and_summary_reads_hit_t
         assert first.status_code == second.status_code == 200
         assert first.json()["entry"] == second.json()["entry"]
         assert (await http.get("/fhir/r5/Patient/not a valid id!")).status_code == 400
+        assert (await http.request("BREW", f"/fhir/r5/Patient/{pid}")).status_code == 405
         page, after = await scrape(http)
 
     edge = {"service": "edge", "method": "GET"}
@@ -107,6 +108,8 @@ async def test_rest_requests_are_timed_by_route_template_and_summary_reads_hit_t
     assert delta(before, after, HTTP, route="/fhir/r5/{type}/{id}", status="4xx", **edge) == 1
     assert delta(before, after, HTTP, route="/fhir/r5/Patient/{id}/summary", status="2xx", **edge) == 2
     assert delta(before, after, HTTP, route="/fhir/r5/{type}", service="edge", method="POST", status="2xx") == 2
+    assert delta(before, after, HTTP, route="/fhir/r5/{type}/{id}", service="edge", method="other", status="4xx") == 1
+    assert "BREW" not in page, "methods are a bounded label too"
     bucket = key(
         "unihealth_http_request_duration_seconds_bucket",
         route="/fhir/r5/Patient/{id}/summary",

@@ -126,7 +126,7 @@ class Observer:
         finally:
             seconds = time.perf_counter() - started
             route = self.template(scope)
-            method: str = scope["method"]
+            method: str = scope["method"][:16]
             if self.metrics:
                 instruments.record_http(self.service, route, method, status, seconds)
                 if graphql:

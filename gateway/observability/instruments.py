@@ -17,6 +17,7 @@ from __future__ import annotations
 from streams.metrics import REGISTRY, Bounded
 
 MAX_OPERATION_NAMES = 100
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 CACHE_KINDS = ("summary", "graphql", "search", "resource")
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
@@ -62,6 +63,8 @@ def operation_label(name: str | None) -> str:
 
 
 def record_http(service: str, route: str, method: str, status: int, seconds: float) -> None:
+    """One HTTP request (a method outside :data:`METHODS` is labelled ``other``: clients choose it)."""
+    method = method if method in METHODS else "other"
     HTTP_DURATION.labels(service, route, method, status_class(status)).observe(seconds)
 
 
