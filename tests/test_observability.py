@@ -31,7 +31,7 @@ from gateway.observability.endpoints import observability_routes
 from gateway.observability.logs import ContextFilter, JsonFormatter, logging_config
 from gateway.observability.request_id import accept
 from gateway.settings import load_settings
-from streams.metrics import Bounded, Registry, render
+from streams.metrics import REGISTRY, Bounded, Registry, render
 from tests.conftest import DEV_JWT_KEY, ROOT, SECRET, token_for
 from tests.helpers import observation, patient
 from tests.live import free_port
@@ -426,3 +426,26 @@ async def test_no_outbox_backlog_on_an_edge_without_a_relay(app: Starlette) -> N
     async with local(app) as http:
         page = (await http.get("/metrics")).text
     assert "unihealth_outbox_unpublished" not in page, "its runtime role could not count every facility's rows"
+
+
+async def test_the_counting_cache_is_the_inner_cache_with_lookups_counted() -> None:
+    from gateway.observability.cache import CountingCache, cache_kind
+    from streams.cache import MemoryCache
+
+    assert [cache_kind(k) for k in ("f|summary|p|3", "f|graphql|p|x", "f|search|Obs|q", "f|Patient|1")] == [
+        "summary",
+        "graphql",
+        "search",
+        "resource",
+    ]
+    inner = MemoryCache()
+    cache = CountingCache(inner)
+    registry_before = samples((await REGISTRY.exposition()).decode())
+    await cache.set("f|graphql|p|q", b"v", 60)
+    assert await cache.get("f|graphql|p|q") == b"v" and await cache.get("f|graphql|p|other") is None
+    assert await cache.delete_prefix("f|graphql|") == 1 and await cache.get("f|graphql|p|q") is None
+    after = samples((await REGISTRY.exposition()).decode())
+    assert delta(registry_before, after, "unihealth_cache_requests_total", cache="graphql", result="hit") == 1
+    assert delta(registry_before, after, "unihealth_cache_requests_total", cache="graphql", result="miss") == 2
+    assert cache.max_entries == inner.max_entries, "anything else is the inner cache's"
+    await cache.close()

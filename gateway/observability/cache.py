@@ -4,10 +4,13 @@ Contract: :class:`CountingCache` behaves exactly as the cache it wraps (same val
 and counts every ``get`` in ``unihealth_cache_requests_total`` as a hit (bytes came back) or a miss
 (None), under the cache *kind* named by the key's second segment (``f|summary|...`` → ``summary``,
 ``f|graphql|...`` → ``graphql``, ``f|search|...`` → ``search``, ``f|Type|id`` → ``resource``): a
-fixed set, never a key, facility or id. A failed ``get`` is not counted.
+fixed set, never a key, facility or id. A failed ``get`` is not counted. Any other attribute
+(e.g. methods a newer cache contract adds) is the inner cache's, unchanged.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from streams.cache import SEP, Cache
 
@@ -44,6 +47,9 @@ class CountingCache:
 
     async def close(self) -> None:
         await self.inner.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
 
 def counted(cache: Cache) -> Cache:
