@@ -128,6 +128,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
             "unihealth serve: the production profile serves TLS only (--ssl-certfile/--ssl-keyfile); set "
             "UNIHEALTH_ALLOW_PLAINTEXT=1 only behind a TLS-terminating proxy on a private network"
         )
+    from .observability.logs import setup_logging
+
+    setup_logging(settings.log_format, args.log_level, service="edge")  # UNIHEALTH_LOG_FORMAT
     app = create_app(settings, on_startup=_load_demo if args.demo else None)
     app.state.host, app.state.port = args.host, args.port
     uvicorn.run(
@@ -135,7 +138,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         host=args.host,
         port=args.port,
         log_level=args.log_level,
-        access_log=False,
+        log_config=None,  # keep the logging set up above
+        access_log=False,  # ours is unihealth.access (gateway/observability/asgi.py)
         ssl_certfile=args.ssl_certfile,
         ssl_keyfile=args.ssl_keyfile,
         ssl_ciphers="ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!MD5",  # with OpenSSL's defaults: TLS 1.2+ only

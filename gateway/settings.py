@@ -55,6 +55,8 @@ class Settings:
     smart_token_endpoint: str = ""
     smart_authorization_endpoint: str = ""
     graphql_subgraphs: str = ""  # UNIHEALTH_SUBGRAPHS: name=url,... (see gateway.graphql_app); empty: in-process
+    metrics: bool = True  # /metrics and the request-duration histograms (docs/operations.md)
+    log_format: str = "text"  # text | json (default json in the production profile)
 
     @property
     def is_sqlite(self) -> bool:
@@ -148,6 +150,17 @@ def _choice(
     return value
 
 
+def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("1", "on", "true", "yes"):
+        return True
+    if raw in ("0", "off", "false", "no"):
+        return False
+    raise SettingsError(f"{name} must be on or off, got {raw!r}")
+
+
 def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
     """Build :class:`Settings` from ``env`` (default ``os.environ``) plus explicit overrides.
 
@@ -207,4 +220,12 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         smart_token_endpoint=env.get("UNIHEALTH_SMART_TOKEN_ENDPOINT", ""),
         smart_authorization_endpoint=env.get("UNIHEALTH_SMART_AUTHORIZATION_ENDPOINT", ""),
         graphql_subgraphs=str(overrides.get("graphql_subgraphs") or env.get("UNIHEALTH_SUBGRAPHS", "")),
+        metrics=bool(overrides["metrics"]) if "metrics" in overrides else _switch(env, "UNIHEALTH_METRICS", True),
+        log_format=_choice(
+            env,
+            overrides,
+            "log_format",
+            "UNIHEALTH_LOG_FORMAT",
+            ("json", "text") if profile == "production" else ("text", "json"),
+        ),
     )

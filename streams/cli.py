@@ -9,7 +9,6 @@ flags only add what the settings do not name. Nothing is imported or opened unti
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,10 @@ def _settings(args: argparse.Namespace) -> Any:
         sys.exit(f"unihealth streams: {exc}")
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
+def _logging(settings: Any, level: str, service: str) -> None:
+    from gateway.observability.logs import setup_logging
+
+    setup_logging(settings.log_format, level, service=service)
 
 
 def cmd_relay(args: argparse.Namespace) -> None:
@@ -36,7 +37,7 @@ def cmd_relay(args: argparse.Namespace) -> None:
     from .relay_service import RelayOptions, main
 
     settings = _settings(args)
-    _logging(args.log_level)
+    _logging(settings, args.log_level, "relay")
     options = RelayOptions(
         poll_interval=args.poll_interval,
         batch=args.batch,
@@ -79,6 +80,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
         metrics_port=args.metrics_port,
         lag_interval=args.lag_interval,
         log_level=args.log_level,
+        log_format=settings.log_format,
     )
     try:
         run_worker(settings, options)

@@ -11,10 +11,11 @@ Contract:
   may run at once on PostgreSQL) until SIGTERM or SIGINT, then lets the current drain finish
   (bounded by ``shutdown_timeout``), flushes the producer and exits 0. An unreachable broker at
   start is retried with backoff, as are failed drains.
-* With ``metrics_port`` it serves ``/healthz`` (200 while the relay loop runs) and ``/metrics``:
-  ``unihealth_outbox_unpublished`` (rows), ``unihealth_outbox_oldest_unpublished_age_seconds``,
+* While it runs, its collectors are on :data:`streams.metrics.REGISTRY`: ``unihealth_outbox_unpublished``
+  (rows), ``unihealth_outbox_oldest_unpublished_age_seconds`` (read on scrape),
   ``unihealth_relay_published_total``, ``unihealth_relay_held_back_total`` and
-  ``unihealth_relay_failed_drains_total``.
+  ``unihealth_relay_failed_drains_total``. With ``metrics_port`` it serves them on ``/metrics``, and
+  ``/healthz`` (200 while the relay loop runs).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -59,11 +61,18 @@ def relay_database_url(settings: Settings) -> str:
     return settings.relay_database_url or settings.database_url
 
 
+OUTBOX_COUNT_CAP = 1_000_000
+""":func:`outbox_lag` counts at most this many unpublished rows (a scrape stays bounded)."""
+
+
 async def outbox_lag(db: Database) -> tuple[int, float]:
-    """(unpublished rows, age in seconds of the oldest one — 0 when none)."""
+    """(unpublished rows — at most :data:`OUTBOX_COUNT_CAP`, age in seconds of the oldest one — 0
+    when none). Both read the partial index of unpublished rows; no facility is set, so on
+    PostgreSQL ``db`` must be a role that sees every facility's outbox (``unihealth_relay``)."""
     async with db.transaction(write=False) as conn:
         pending = outbox.c.published_at.is_(None)
-        count = int((await conn.execute(select(func.count()).select_from(outbox).where(pending))).scalar_one())
+        capped = select(outbox.c.seq).where(pending).limit(OUTBOX_COUNT_CAP).subquery()
+        count = int((await conn.execute(select(func.count()).select_from(capped))).scalar_one())
         oldest = (
             await conn.execute(select(outbox.c.occurred_at).where(pending).order_by(outbox.c.seq).limit(1))
         ).scalar_one_or_none()
@@ -71,12 +80,27 @@ async def outbox_lag(db: Database) -> tuple[int, float]:
     return count, age
 
 
-def relay_metrics(relay: Relay, count: int, age: float) -> list[metrics.Metric]:
+def outbox_metrics(count: int, age: float) -> list[metrics.Metric]:
+    """The outbox backlog gauges (also served by the edge when its inline relay can see them)."""
     return [
         metrics.Metric("unihealth_outbox_unpublished", "gauge", "outbox rows not yet published").add(count),
         metrics.Metric(
             "unihealth_outbox_oldest_unpublished_age_seconds", "gauge", "age of the oldest unpublished outbox row"
         ).add(age),
+    ]
+
+
+def outbox_collector(db: Database) -> metrics.Collect:
+    """A registry collector of :func:`outbox_metrics`, read from ``db`` on every scrape."""
+
+    async def outbox_backlog() -> list[metrics.Metric]:
+        return outbox_metrics(*await outbox_lag(db))
+
+    return outbox_backlog
+
+
+def relay_metrics(relay: Relay) -> list[metrics.Metric]:
+    return [
         metrics.Metric("unihealth_relay_published_total", "counter", "outbox rows published and marked").add(
             relay.published
         ),
@@ -110,6 +134,7 @@ async def run_relay(settings: Settings, options: RelayOptions, stop: asyncio.Eve
     db = open_database(relay_database_url(settings), pool_size=2)
     server: asyncio.Server | None = None
     bus: KafkaBus | None = None
+    unregister: list[Callable[[], None]] = []
     try:
         bus = await _start_bus(settings.kafka_bootstrap, stop, options.connect_backoff)
         if bus is None:
@@ -118,13 +143,16 @@ async def run_relay(settings: Settings, options: RelayOptions, stop: asyncio.Eve
         task = asyncio.create_task(
             relay.run(stop_event=stop, poll_interval=options.poll_interval, limit=options.batch), name="relay"
         )
+
+        async def relay_counters() -> list[metrics.Metric]:
+            return relay_metrics(relay)
+
+        unregister.append(metrics.REGISTRY.collector(relay_counters))
+        unregister.append(metrics.REGISTRY.collector(outbox_collector(db)))
         if options.metrics_port is not None:
-
-            async def collect() -> list[metrics.Metric]:
-                count, age = await outbox_lag(db)
-                return relay_metrics(relay, count, age)
-
-            server = await metrics.serve(options.metrics_host, options.metrics_port, collect, lambda: not task.done())
+            server = await metrics.serve(
+                options.metrics_host, options.metrics_port, metrics.REGISTRY, lambda: not task.done()
+            )
             log.info("relay: metrics on http://%s:%d/metrics", options.metrics_host, metrics.bound_port(server))
         log.info("relay: publishing the outbox of %s to Kafka at %s", db.dialect, settings.kafka_bootstrap)
         started = time.monotonic()
@@ -132,6 +160,8 @@ async def run_relay(settings: Settings, options: RelayOptions, stop: asyncio.Eve
         await wait_stopped(task, options.shutdown_timeout)
         log.info("relay: stopped after %.1f s; %d rows published", time.monotonic() - started, relay.published)
     finally:
+        for remove in unregister:
+            remove()
         if server is not None:
             server.close()
         if bus is not None:

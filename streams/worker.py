@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -88,6 +89,7 @@ class WorkerOptions:
     metrics_port: int | None = None
     lag_interval: float = 5.0
     log_level: str = "info"
+    log_format: str = "text"  # UNIHEALTH_LOG_FORMAT: text | json
 
     def topics(self) -> list[str]:
         """Every topic some enabled agent consumes or produces."""
@@ -265,13 +267,16 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
         """Metrics endpoint and lag monitor; closes the database and cache at shutdown."""
 
         server: asyncio.Server | None = None
+        unregister: Callable[[], None] | None = None
 
         async def on_start(self) -> None:
             self.add_future(lag.run())
-            if options.metrics_port is not None:
 
-                async def collect() -> list[metrics.Metric]:
-                    return worker_metrics(services) + lag.metrics()
+            async def worker_counters() -> list[metrics.Metric]:
+                return worker_metrics(services) + lag.metrics()
+
+            self.unregister = metrics.REGISTRY.collector(worker_counters)
+            if options.metrics_port is not None:
 
                 def healthy() -> bool:
                     """Consuming: started, not stopping or rebalancing, with partitions assigned."""
@@ -281,7 +286,7 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
                     except Exception:
                         return False
 
-                self.server = await metrics.serve(options.metrics_host, options.metrics_port, collect, healthy)
+                self.server = await metrics.serve(options.metrics_host, options.metrics_port, metrics.REGISTRY, healthy)
                 port = metrics.bound_port(self.server)
                 log.info("worker: metrics on http://%s:%d/metrics", options.metrics_host, port)
             log.info(
@@ -292,10 +297,21 @@ def run_worker(settings: Settings, options: WorkerOptions) -> None:
             )
 
         async def on_stop(self) -> None:
+            if self.unregister is not None:
+                self.unregister()
             if self.server is not None:
                 self.server.close()
             await lag.close()
             await services.close()
 
-    worker = faust.Worker(app, Resources(loop=loop), loop=loop, loglevel=options.log_level, quiet=True)
+    from gateway.observability.logs import logging_config
+
+    worker = faust.Worker(
+        app,
+        Resources(loop=loop),
+        loop=loop,
+        loglevel=options.log_level,
+        logging_config=logging_config(options.log_format, options.log_level, service="worker"),
+        quiet=True,
+    )
     worker.execute_from_commandline()

@@ -2,7 +2,9 @@
 
 Contract: :func:`add_subgraph_parser` adds the ``subgraph`` sub-command to an ``argparse``
 sub-parsers object; running it serves that subgraph's GraphQL at ``http://HOST:PORT/graphql``
-(and ``/healthz``) with uvicorn, over the backends of the ``UNIHEALTH_*`` settings (the same
+(and ``/healthz``, ``/readyz``, ``/metrics``) with uvicorn, logging as
+:func:`gateway.observability.logs.setup_logging` says (``UNIHEALTH_LOG_FORMAT``), over the
+backends of the ``UNIHEALTH_*`` settings (the same
 database as the edge; opened at startup, closed at shutdown). Nothing is imported or opened
 until the command runs.
 """
@@ -33,6 +35,7 @@ def add_subgraph_parser(subparsers: Any) -> argparse.ArgumentParser:
 def cmd_subgraph(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from gateway.observability.logs import setup_logging
     from gateway.settings import SettingsError, load_settings
 
     from .graphql.app import create_standalone_app, schema_for
@@ -41,5 +44,7 @@ def cmd_subgraph(args: argparse.Namespace) -> None:
         settings = load_settings(None, **({"data_dir": args.data_dir} if args.data_dir else {}))
     except SettingsError as exc:
         sys.exit(f"unihealth subgraph: {exc}")
-    app = create_standalone_app(schema_for(args.name), settings)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    service = f"subgraph-{args.name}"
+    setup_logging(settings.log_format, args.log_level, service=service)
+    app = create_standalone_app(schema_for(args.name), settings, name=service)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False, log_config=None)

@@ -20,6 +20,10 @@ FHIR base URL.
   subgraph operations run at once (each holds one database connection while it runs): the
   embedded SQLite pool checks connections out synchronously on the event loop, so GraphQL must
   never be what exhausts it.
+
+Both count every request in ``unihealth_subgraph_requests_total{subgraph, outcome}`` (``ok``;
+``errors``: a GraphQL answer with errors; ``unavailable``: :class:`SubgraphUnavailable`) and time it
+in ``unihealth_subgraph_request_duration_seconds{subgraph}`` (:mod:`gateway.observability`).
 """
 
 from __future__ import annotations
@@ -28,11 +32,14 @@ import asyncio
 import decimal
 import json
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
+
+from gateway.observability.instruments import record_subgraph_request
 
 if TYPE_CHECKING:
     import aiohttp
@@ -103,6 +110,18 @@ def _response(subgraph: str, payload: Any) -> SubgraphResponse:
     return SubgraphResponse(data, [e if isinstance(e, dict) else {"message": str(e)} for e in errors])
 
 
+async def measured(subgraph: str, answer: Awaitable[SubgraphResponse]) -> SubgraphResponse:
+    """``await answer``, counted and timed for ``subgraph`` (see the module contract)."""
+    started = time.perf_counter()
+    outcome = "unavailable"
+    try:
+        response = await answer
+        outcome = "errors" if response.errors else "ok"
+        return response
+    finally:
+        record_subgraph_request(subgraph, outcome, time.perf_counter() - started)
+
+
 class HttpTransport:
     """Subgraphs over HTTP (see the module contract). aiohttp, not httpx: its client costs the
     gateway about a third of the CPU time per subgraph request (measured: ward query 3.9 ms vs
@@ -139,6 +158,16 @@ class HttpTransport:
         return self._session
 
     async def send(
+        self,
+        subgraph: str,
+        query: str,
+        variables: Mapping[str, Any],
+        operation_name: str | None,
+        forwarded: Forwarded,
+    ) -> SubgraphResponse:
+        return await measured(subgraph, self._send(subgraph, query, variables, operation_name, forwarded))
+
+    async def _send(
         self,
         subgraph: str,
         query: str,
@@ -205,6 +234,16 @@ class InProcessTransport:
         self._slots = asyncio.Semaphore(max_concurrency)
 
     async def send(
+        self,
+        subgraph: str,
+        query: str,
+        variables: Mapping[str, Any],
+        operation_name: str | None,
+        forwarded: Forwarded,
+    ) -> SubgraphResponse:
+        return await measured(subgraph, self._send(subgraph, query, variables, operation_name, forwarded))
+
+    async def _send(
         self,
         subgraph: str,
         query: str,

@@ -1,4 +1,5 @@
-"""ASGI apps serving one subgraph at ``/graphql`` (POST JSON and GET queries) and ``/healthz``.
+"""ASGI apps serving one subgraph at ``/graphql`` (POST JSON and GET queries), ``/healthz``
+(liveness), ``/readyz`` (database and cache) and, with ``UNIHEALTH_METRICS`` on, ``/metrics``.
 
 Contract:
 * :func:`create_subgraph_app` serves a schema over backends the caller owns (in-process: the
@@ -10,6 +11,9 @@ Contract:
 * Each HTTP request gets a fresh :class:`~subgraphs.graphql.context.SubgraphContext` from its
   headers (``Authorization``, ``X-Facility-Id``, ``X-Request-Id``); responses are JSON written by
   orjson, so ``resource`` fields are the stored bytes and decimals keep their digits.
+* Every request passes :mod:`gateway.observability.asgi` first: its request id is the
+  ``X-Request-Id`` the gateway forwarded (or a new one), on every log line and in the response;
+  one access-log line; the request-duration and GraphQL-operation histograms.
 * :func:`schema_for` builds the schema of a subgraph by name (:data:`SUBGRAPHS`).
 """
 
@@ -28,6 +32,9 @@ from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
 
 from gateway.backends import Backends, open_backends
+from gateway.observability.asgi import ObservedApp
+from gateway.observability.cache import counted
+from gateway.observability.endpoints import observability_routes
 from gateway.settings import Settings
 from subgraphs.store import fhirjson
 
@@ -68,27 +75,34 @@ async def _healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
-def _routes(schema: SubgraphSchema, *, ide: bool) -> list[Route]:
+def _routes(schema: SubgraphSchema, settings: Settings) -> list[Route]:
+    ide = settings.profile == "embedded"
     view = SubgraphView(schema, graphql_ide="graphiql" if ide else None, allow_queries_via_get=True)
     return [
         Route("/graphql", view, methods=["GET", "POST"]),
         Route("/healthz", _healthz, methods=["GET"]),
+        *observability_routes(metrics=settings.metrics),
     ]
 
 
-def create_subgraph_app(schema: SubgraphSchema, backends: Backends) -> Starlette:
-    """Serve ``schema`` over ``backends`` (opened and closed by the caller)."""
-    app = Starlette(routes=_routes(schema, ide=backends.settings.profile == "embedded"))
+def create_subgraph_app(schema: SubgraphSchema, backends: Backends, *, name: str = "subgraph") -> Starlette:
+    """Serve ``schema`` over ``backends`` (opened and closed by the caller); ``name`` labels its
+    logs and metrics (``service``)."""
+    settings = backends.settings
+    app = ObservedApp(service=name, metrics=settings.metrics, routes=_routes(schema, settings))
     app.state.backends = backends
     return app
 
 
-def create_standalone_app(schema: SubgraphSchema, settings: Settings) -> Starlette:
-    """Serve ``schema`` as its own process: backends opened in the lifespan, closed at shutdown."""
+def create_standalone_app(schema: SubgraphSchema, settings: Settings, *, name: str = "subgraph") -> Starlette:
+    """Serve ``schema`` as its own process: backends opened in the lifespan, closed at shutdown;
+    ``name`` labels its logs and metrics (``service``)."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        app.state.backends = await open_backends(settings)
+        backends = app.state.backends = await open_backends(settings)
+        if settings.metrics:
+            backends.cache = counted(backends.cache)
         gc.collect()
         gc.freeze()
         try:
@@ -96,4 +110,4 @@ def create_standalone_app(schema: SubgraphSchema, settings: Settings) -> Starlet
         finally:
             await app.state.backends.close()
 
-    return Starlette(routes=_routes(schema, ide=settings.profile == "embedded"), lifespan=lifespan)
+    return ObservedApp(service=name, metrics=settings.metrics, routes=_routes(schema, settings), lifespan=lifespan)

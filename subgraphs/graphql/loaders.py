@@ -7,7 +7,8 @@ are keyed by everything that changes the SQL or its values (type, criteria, limi
 with different arguments never share a batch, and equal ones share results. Input is checked
 before anything is enqueued: malformed ids and search values are 400 (``BAD_USER_INPUT``), a
 missing grant 403; what is absent here or outside the caller's access is ``None`` / left out
-(:func:`require` turns it into 404: same answer as another facility's id).
+(:func:`require` turns it into 404: same answer as another facility's id). Every batch's size is
+recorded in ``unihealth_dataloader_batch_size`` (loader kind and resource type: bounded labels).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
+from gateway.observability.instruments import record_batch
 from subgraphs.store.errors import not_found
 from subgraphs.store.records import check_id
 from subgraphs.store.search import SearchQuery, parse_search
@@ -29,6 +31,7 @@ Criteria = tuple[tuple[str, str], ...]
 
 # ---------------------------------------------------------------------------------- by id
 async def _load_by_id(ctx: SubgraphContext, resource_type: str, ids: list[str]) -> list[Resource | None]:
+    record_batch("by-id", resource_type, len(ids))
     repo = await ctx.repository()
     found = await queries.resources_by_ids(repo, resource_type, ids)
     return [Resource(found[i]) if i in found else None for i in ids]
@@ -51,6 +54,7 @@ async def require(ctx: SubgraphContext, resource_type: str, resource_id: str) ->
 
 
 async def _load_visible(ctx: SubgraphContext, resource_type: str, ids: list[str]) -> list[bool]:
+    record_batch("visible", resource_type, len(ids))
     repo = await ctx.repository()
     seen = await queries.visible_ids(repo, resource_type, ids)
     return [i in seen for i in ids]
@@ -83,6 +87,7 @@ class Compartment:
 
 
 async def _load_compartments(ctx: SubgraphContext, spec: Compartment, patients: list[str]) -> list[list[Resource]]:
+    record_batch("compartment", spec.type, len(patients))
     repo = await ctx.repository()
     found = await queries.compartments(repo, spec.query(), patients, sort_param=spec.sort_param, limit=spec.limit)
     return [[Resource(s) for s in found.get(p, ())] for p in patients]
@@ -99,6 +104,7 @@ async def in_compartment(ctx: SubgraphContext, spec: Compartment, patient_id: st
 async def _load_latest(
     ctx: SubgraphContext, resource_type: str, categories: tuple[str, ...], patients: list[str]
 ) -> list[list[Resource]]:
+    record_batch("latest-per-code", resource_type, len(patients))
     repo = await ctx.repository()
     found = await queries.latest_per_code(repo, resource_type, patients, categories)
     return [[Resource(s) for s in found.get(p, ())] for p in patients]
