@@ -21,6 +21,7 @@ from gateway.security.audit import AccessAudit
 from subgraphs.store.errors import FhirError
 
 from . import http
+from .outcome import route_of
 
 Route = Callable[[Request], Awaitable[Response]]
 log = logging.getLogger("unihealth.audit")
@@ -83,6 +84,8 @@ async def _record(request: Request, audit: AccessAudit) -> None:
     if ctx is not None:
         audit.principal = ctx.principal
     if audit.facility is None:
-        log.warning("unaudited request without a facility: %s %s -> %s", request.method, request.url.path, audit.status)
+        log.warning(
+            "unaudited request without a facility: %s %s -> %s", request.method, route_of(request), audit.status
+        )
         return
     await http.backends(request).record_access(audit)

@@ -33,7 +33,12 @@ def render_http(_request: Request, exc: Exception) -> Response:
     return render_error(_request, error)
 
 
+def route_of(request: Request) -> str:
+    """The matched route's path template (``/{type}/{id}``), for logs: raw paths carry ids."""
+    return str(getattr(request.scope.get("route"), "path", "(no route)"))
+
+
 def render_unexpected(request: Request, exc: Exception) -> Response:
-    log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    log.exception("unexpected error on %s %s", request.method, route_of(request), exc_info=exc)
     error = FhirError(500, "exception", "internal server error; the request was not completed")
     return Response(fhirjson.dumps(error.outcome()), 500, media_type=FHIR_JSON)
