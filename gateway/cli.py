@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -122,7 +121,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if (
         settings.profile == "production"
         and not args.ssl_certfile
-        and os.environ.get("UNIHEALTH_ALLOW_PLAINTEXT") != "1"
+        and not settings.allow_plaintext
     ):
         sys.exit(
             "unihealth serve: the production profile serves TLS only (--ssl-certfile/--ssl-keyfile); set "

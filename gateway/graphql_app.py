@@ -92,15 +92,16 @@ def parse_subgraphs(value: str) -> dict[str, str]:
 
 
 def federation_settings(settings: Settings) -> FederationSettings:
-    """The gateway settings held by ``settings`` (defaults for those it does not have yet)."""
-    raw = str(getattr(settings, "graphql_subgraphs", "") or "")
+    """The gateway settings held by ``settings`` (UNIHEALTH_SUBGRAPHS, UNIHEALTH_SUPERGRAPH,
+    UNIHEALTH_GRAPHQL_MAX_DEPTH/_MAX_COST/_TIMEOUT/_CACHE_TTL)."""
+    raw = settings.graphql_subgraphs
     return FederationSettings(
         subgraphs={} if raw.strip() in ("", "supergraph") else parse_subgraphs(raw),
         use_supergraph_urls=raw.strip() == "supergraph",
-        supergraph_path=str(getattr(settings, "graphql_supergraph", "") or ""),
-        max_depth=int(getattr(settings, "graphql_max_depth", 12)),
-        max_cost=int(getattr(settings, "graphql_max_cost", 5000)),
-        timeout=float(getattr(settings, "graphql_timeout", 30.0)),
+        supergraph_path=settings.graphql_supergraph,
+        max_depth=settings.graphql_max_depth,
+        max_cost=settings.graphql_max_cost,
+        timeout=settings.graphql_timeout,
         graphiql=settings.profile == "embedded",
         max_body_bytes=settings.max_body_bytes,
         cache_ttl=settings.graphql_cache_ttl,

@@ -55,6 +55,11 @@ class Settings:
     smart_token_endpoint: str = ""
     smart_authorization_endpoint: str = ""
     graphql_subgraphs: str = ""  # UNIHEALTH_SUBGRAPHS: name=url,... (see gateway.graphql_app); empty: in-process
+    graphql_supergraph: str = ""  # UNIHEALTH_SUPERGRAPH: a supergraph SDL file (Apollo's composition output)
+    graphql_max_depth: int = 12
+    graphql_max_cost: int = 5000
+    graphql_timeout: float = 30.0  # seconds per subgraph request
+    allow_plaintext: bool = False  # UNIHEALTH_ALLOW_PLAINTEXT=1: production without TLS, behind a TLS proxy
     metrics: bool = True  # /metrics and the request-duration histograms (docs/operations.md)
     log_format: str = "text"  # text | json (default json in the production profile)
 
@@ -220,6 +225,11 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         smart_token_endpoint=env.get("UNIHEALTH_SMART_TOKEN_ENDPOINT", ""),
         smart_authorization_endpoint=env.get("UNIHEALTH_SMART_AUTHORIZATION_ENDPOINT", ""),
         graphql_subgraphs=str(overrides.get("graphql_subgraphs") or env.get("UNIHEALTH_SUBGRAPHS", "")),
+        graphql_supergraph=str(overrides.get("graphql_supergraph") or env.get("UNIHEALTH_SUPERGRAPH", "")),
+        graphql_max_depth=_int(env, "UNIHEALTH_GRAPHQL_MAX_DEPTH", 12, 2, 100),
+        graphql_max_cost=_int(env, "UNIHEALTH_GRAPHQL_MAX_COST", 5000, 10, 1_000_000),
+        graphql_timeout=float(_int(env, "UNIHEALTH_GRAPHQL_TIMEOUT", 30, 1, 600)),
+        allow_plaintext=env.get("UNIHEALTH_ALLOW_PLAINTEXT", "") == "1",
         metrics=bool(overrides["metrics"]) if "metrics" in overrides else _switch(env, "UNIHEALTH_METRICS", True),
         log_format=_choice(
             env,
