@@ -106,13 +106,16 @@ async def test_every_answered_read_is_on_record_after_kill_9(
     backend: str, settings_for: Any, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> None:
     settings = settings_for(backend)
+    data_dir = tmp_path_factory.mktemp("crash")
+    # SQLite: a database file of its own. Killing a process that shares the session's file makes
+    # this process's later connections to it fail (disk I/O error in the WAL index), a test artifact.
+    database_url = settings.database_url if backend == "postgresql" else f"sqlite+aiosqlite:///{data_dir / 'crash.db'}"
     env = {
-        "UNIHEALTH_DATABASE_URL": settings.database_url,
+        "UNIHEALTH_DATABASE_URL": database_url,
         "UNIHEALTH_SECRET_KEY": settings.secret_key.decode(),
         "UNIHEALTH_DEV_JWT_KEY": settings.dev_jwt_key.decode(),
         "UNIHEALTH_MIGRATION_DATABASE_URL": settings.migration_database_url,
     }
-    data_dir = tmp_path_factory.mktemp("crash")
     facility = f"crash-{uuid.uuid4().hex[:12]}"
     headers = {
         "Authorization": f"Bearer {token_for(settings, [facility])}",
@@ -177,7 +180,7 @@ async def test_every_answered_read_is_on_record_after_kill_9(
     if backend == "postgresql":
         payloads = await _records_postgres(request.getfixturevalue("postgres_url"), facility)
     else:
-        payloads = await _records_sqlite(settings.database_url, facility)
+        payloads = await _records_sqlite(database_url, facility)
     on_record = _request_ids(payloads)
     missing = [rid for rid in answered if rid not in on_record]
     print(f"{backend}: {len(answered)} answered, {failed} cut off, {len(on_record)} request ids on record")
