@@ -16,8 +16,9 @@ Contract
 * :func:`everything`: the Patient compartment (R5 CompartmentDefinition) page by page in (type, id)
   order, types the caller may not search left out, plus the non-compartment resources (Practitioner,
   Organization, Medication...) the page refers to, under the read grant.
-* :func:`reindex` / :func:`reindex_step`: re-extract the index rows of stored resources (after a
-  registry change), in one transaction or in bounded steps.
+* :func:`reindex` / :func:`reindex_step`: re-extract the index rows of stored resources of the
+  repository's facility (after a registry change) with the facility's registry (its active custom
+  SearchParameters included), in one transaction or in bounded steps.
 * :func:`subset`: the ``_summary``/``_elements`` form of a stored resource, tagged SUBSETTED.
 """
 
@@ -167,7 +168,7 @@ async def search(repo: ResourceRepository, query: SearchQuery, *, after: list[An
         position = [_position_value(getattr(last, f"sk{i}")) for i in range(len(keys))] + [last.id]
     if total is None and after is None and position is None:
         total = len(page)  # the whole result is on this first page: the total is free
-    included, warnings = await includes(repo, query.includes, page)
+    included, warnings = await includes(repo, query.includes, page, query.registry)
     _touch(repo, page)
     _touch(repo, included)
     return SearchResult(page, position, total, tuple(included), tuple(warnings))
@@ -191,18 +192,23 @@ def _chunks(items: Sequence[str], size: int = CHUNK) -> Iterable[list[str]]:
 
 
 async def includes(
-    repo: ResourceRepository, wanted: Sequence[Include], found: Sequence[StoredResource]
+    repo: ResourceRepository,
+    wanted: Sequence[Include],
+    found: Sequence[StoredResource],
+    registry: Registry | None = None,
 ) -> tuple[list[StoredResource], list[str]]:
-    """The resources ``wanted`` adds to ``found`` (not repeating any), and warnings."""
+    """The resources ``wanted`` adds to ``found`` (not repeating any), and warnings; ``registry``:
+    the parameters the query was parsed with (default: the official ones)."""
     if not wanted or not found:
         return [], []
+    reg = registry or default_registry()
     seen = {(r.type, r.id) for r in found}
     state = _IncludeState(seen)
-    new = await _include_round(repo, wanted, found, state)
+    new = await _include_round(repo, reg, wanted, found, state)
     iterating = [i for i in wanted if i.iterate]
     rounds = 1
     while new and iterating and rounds <= MAX_ITERATE and not state.cut:
-        new = await _include_round(repo, iterating, new, state)
+        new = await _include_round(repo, reg, iterating, new, state)
         rounds += 1
     warnings = [f"included resources were cut at {MAX_INCLUDED} for this page"] if state.cut else []
     return state.included, warnings
@@ -230,13 +236,16 @@ class _IncludeState:
 
 
 async def _include_round(
-    repo: ResourceRepository, wanted: Sequence[Include], found: Sequence[StoredResource], state: _IncludeState
+    repo: ResourceRepository,
+    registry: Registry,
+    wanted: Sequence[Include],
+    found: Sequence[StoredResource],
+    state: _IncludeState,
 ) -> list[StoredResource]:
     by_type: dict[str, list[str]] = defaultdict(list)
     for r in found:
         by_type[r.type].append(r.id)
     added: list[StoredResource] = []
-    registry = default_registry()
     for inc in wanted:
         if state.cut:
             break
@@ -413,10 +422,11 @@ async def reindex_step(
 async def _rewrite_index(repo: ResourceRepository, rows: Sequence[Any]) -> None:
     by_type: dict[str, list[str]] = defaultdict(list)
     new: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    registry = await repo.search_registry()  # the facility's own SearchParameters included
     for row in rows:
         by_type[row.type].append(row.id)
         doc = fhirjson.loads(row.content)
-        for kind, index in index_rows(doc, resource_type=row.type).items():
+        for kind, index in index_rows(doc, registry, resource_type=row.type).items():
             new[kind] += [{"facility": repo.facility, "type": row.type, "id": row.id, **r} for r in index]
     for table in INDEX_TABLES.values():
         for resource_type, ids in by_type.items():

@@ -197,6 +197,7 @@ class SearchQuery:
     page: str | None = None
     ignored: list[str] = field(default_factory=list)
     canonical: str = ""
+    registry: Registry | None = None  # the parameters it was parsed with (None: the default)
 
     def scope(self) -> str:
         """What a paging cursor is bound to besides the facility: type + criteria + sort."""
@@ -629,7 +630,7 @@ def parse_search(
     """Parse search parameters for ``resource_type``; 400 on malformed values (see module doc).
     ``base``: this server's FHIR base URL (absolute references to it count as local)."""
     parser = _Parser(registry or default_registry(), base)
-    query = SearchQuery(type=resource_type, count=default_count)
+    query = SearchQuery(type=resource_type, count=default_count, registry=registry)
     canonical: list[str] = []
 
     def unsupported(name: str, exc: Unsupported) -> None:
