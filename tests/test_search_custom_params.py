@@ -292,3 +292,13 @@ async def test_duplicate_code_or_url_in_one_facility_is_400(client: httpx.AsyncC
     r = await client.put(f"/SearchParameter/{sp}", json={**body, "id": sp, "expression": "Patient.name.given"})
     assert r.status_code == 200, r.text
     assert len(await ids(client, "SearchParameter", [])) == 1
+
+
+async def test_conditional_create_may_use_a_custom_parameter(client: httpx.AsyncClient) -> None:
+    await create(client, definition("nickname", "string", NICKNAME, base="Patient"))
+    body = patient("C", name=[{"use": "nickname", "given": ["Bobby"]}])
+    first = await client.post("/Patient", json=body, headers={"If-None-Exist": "nickname:exact=Bobby"})
+    assert first.status_code == 201, first.text
+    again = await client.post("/Patient", json=body, headers={"If-None-Exist": "nickname:exact=Bobby"})
+    assert again.status_code == 200, again.text
+    assert again.json()["id"] == first.json()["id"]
