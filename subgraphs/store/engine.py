@@ -6,8 +6,9 @@ Contract
   :class:`~.access.AccessPolicy`, with statements from :mod:`.statements` (cached per shape, bound
   values only, ``facility = :facility`` in every statement and subquery).
 * :func:`search`: one keyset page of matches (sorted by every ``_sort`` key, then id; the next
-  position holds every sort value and the id), the total when asked (``_total``, ``_summary=count``,
-  ``_count=0``) or free (everything fits on the first page), and the ``_include``/``_revinclude``
+  position holds every sort value and the id), the total when asked (``_total=accurate``, or
+  ``estimate``: see :func:`estimate_total`; ``_summary=count`` and ``_count=0`` count too) or free
+  (everything fits on the first page; never with ``_total=none``), and the ``_include``/``_revinclude``
   resources (``:iterate`` followed up to :data:`MAX_ITERATE` rounds). Matches need the caller's
   search grant (403 without); chained and ``_has`` searches of other types need a search grant on
   those too (403 without) and see only rows inside it. Included resources come from the same
@@ -31,6 +32,7 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from sqlalchemy import delete, insert
 
 from . import fhirjson
@@ -57,6 +59,7 @@ if TYPE_CHECKING:
     from .repository import ResourceRepository
 
 MAX_ITERATE = 4  # rounds of _include:iterate / _revinclude:iterate
+EXACT_BELOW = 1000  # _total=estimate counts exactly up to this many matches (PostgreSQL)
 MAX_INCLUDED = 5000  # included resources per page; beyond that a warning says the list is cut
 CHUNK = 500
 SUBSETTED = {
@@ -149,9 +152,12 @@ async def search(repo: ResourceRepository, query: SearchQuery, *, after: list[An
     shape = query_shape(query)
     params.update(query_params(query, repo.facility))
     params.update(sub_params)
+    mode = total_mode(query)
     total = None
-    if query.total:
+    if mode == "accurate":
         total = (await repo.conn.execute(sql.count(shape, policy, sub), params)).scalar_one()
+    elif mode == "estimate":
+        total = await estimate_total(repo, shape, policy, sub, params)
     if query.summary_count or query.count == 0:
         return SearchResult([], None, total)
     keys = tuple(query.sort) or (SortKey("_id", "_id", False),)
@@ -166,12 +172,44 @@ async def search(repo: ResourceRepository, query: SearchQuery, *, after: list[An
     if len(rows) > query.count:
         last = rows[query.count - 1]
         position = [_position_value(getattr(last, f"sk{i}")) for i in range(len(keys))] + [last.id]
-    if total is None and after is None and position is None:
+    if total is None and after is None and position is None and mode != "none":
         total = len(page)  # the whole result is on this first page: the total is free
     included, warnings = await includes(repo, query.includes, page, query.registry)
     _touch(repo, page)
     _touch(repo, included)
     return SearchResult(page, position, total, tuple(included), tuple(warnings))
+
+
+def total_mode(query: SearchQuery) -> str | None:
+    """How to count ``query``'s matches: ``accurate``, ``estimate``, ``none`` or None (not asked:
+    only the free total of a first page that holds everything). ``_summary=count`` and
+    ``_count=0`` ask for the total: accurate unless ``_total=estimate``."""
+    if query.summary_count or query.count == 0:
+        return "estimate" if query.total_mode == "estimate" else "accurate"
+    return query.total_mode
+
+
+async def estimate_total(
+    repo: ResourceRepository, shape: Any, policy: Any, sub: SubPolicies, params: dict[str, Any]
+) -> int:
+    """``_total=estimate``. PostgreSQL: exact when there are at most :data:`EXACT_BELOW` matches
+    (a count that stops after ``EXACT_BELOW + 1`` rows), otherwise the planner's row estimate for
+    the match statement (``EXPLAIN``, nothing run), never below what was counted. SQLite exposes no
+    row estimate: there it is the accurate count (the embedded store is sized for small data)."""
+    if repo.db.dialect != "postgresql":
+        return int((await repo.conn.execute(sql.count(shape, policy, sub), params)).scalar_one())
+    counted = int(
+        (await repo.conn.execute(sql.count_upto(shape, policy, sub), {**params, "cap": EXACT_BELOW + 1})).scalar_one()
+    )
+    if counted <= EXACT_BELOW:
+        return counted
+    plan = (await repo.conn.execute(sql.estimate(shape, policy, sub), params)).scalar_one()
+    document = orjson.loads(plan) if isinstance(plan, str | bytes) else plan
+    try:
+        planned = int(document[0]["Plan"]["Plan Rows"])
+    except (KeyError, IndexError, TypeError, ValueError):
+        planned = 0
+    return max(planned, counted)
 
 
 async def find_ids(repo: ResourceRepository, query: SearchQuery, limit: int = 2) -> list[str]:
