@@ -23,9 +23,13 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     String,
     Table,
+    Text,
     UniqueConstraint,
+    func,
+    literal_column,
     text,
 )
+from sqlalchemy.dialects.postgresql import REGCONFIG
 
 metadata = MetaData()
 
@@ -244,6 +248,23 @@ idx_composite = _index_table(
     lookup=("a_code", "b_code"),
 )
 
+# _text / _content (search_text.py): the distinct normalized words of the narrative / of every
+# string, one row per resource and param. PostgreSQL searches them through a GIN index on
+# to_tsvector('simple', value) (ix_idx_text_words, declared below for PostgreSQL only), SQLite by
+# LIKE within (facility, type, param).
+idx_text = _index_table(
+    "idx_text",
+    Column("value", Text, nullable=False),
+    lookup=(),
+)
+idx_text.append_constraint(
+    Index(
+        "ix_idx_text_words",
+        func.to_tsvector(literal_column("'simple'", type_=REGCONFIG), idx_text.c.value),
+        postgresql_using="gin",
+    ).ddl_if(dialect="postgresql")
+)
+
 INDEX_TABLES = {
     "token": idx_token,
     "reference": idx_reference,
@@ -253,4 +274,5 @@ INDEX_TABLES = {
     "number": idx_number,
     "uri": idx_uri,
     "composite": idx_composite,
+    "text": idx_text,
 }
