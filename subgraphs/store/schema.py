@@ -25,11 +25,8 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
-    func,
-    literal_column,
     text,
 )
-from sqlalchemy.dialects.postgresql import REGCONFIG
 
 metadata = MetaData()
 
@@ -249,20 +246,11 @@ idx_composite = _index_table(
 )
 
 # _text / _content (search_text.py): the distinct normalized words of the narrative / of every
-# string, one row per resource and param. PostgreSQL searches them through a GIN index on
-# to_tsvector('simple', value) (ix_idx_text_words, declared below for PostgreSQL only), SQLite by
-# LIKE within (facility, type, param).
+# string, one row per resource and param, matched by LIKE within (facility, type, param).
 idx_text = _index_table(
     "idx_text",
     Column("value", Text, nullable=False),
     lookup=(),
-)
-idx_text.append_constraint(
-    Index(
-        "ix_idx_text_words",
-        func.to_tsvector(literal_column("'simple'", type_=REGCONFIG), idx_text.c.value),
-        postgresql_using="gin",
-    ).ddl_if(dialect="postgresql")
 )
 
 INDEX_TABLES = {

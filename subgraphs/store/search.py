@@ -73,7 +73,7 @@ from .schema import (
     idx_uri,
     resources,
 )
-from .search_text import TEXT_PARAMS, WordsMatch, like_patterns, query_words, ts_query
+from .search_text import TEXT_PARAMS, like_patterns, query_words
 from .validation import SUPPORTED_TYPES
 
 PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
@@ -556,7 +556,7 @@ class _Parser:
             found = query_words(unescape(part))
             if not found:
                 raise bad_request(f"{name} needs at least one word (letters or digits)", expression=[name])
-            leaves.append((("words", len(found)), (ts_query(found), *like_patterns(found))))
+            leaves.append((("words", len(found)), tuple(like_patterns(found))))
         return Criterion(name, code, "text", None, tuple(leaves))
 
     def type_modifier(self, name: str, param: SearchParam, modifier: str) -> str:
@@ -1289,7 +1289,7 @@ def _leaf(kind: str, t: Any, form: tuple[Any, ...], b: _Binds, j: int, target: s
     if kind == "number":
         return _number_cond(t.c.low, t.c.high, form[0], _offset(b, j, 0, NUMBER))
     if kind == "text":
-        return WordsMatch(t.c.value, b(j, 0, _STR), [b(j, 1 + k, _STR) for k in range(form[1])])
+        return and_(*(t.c.value.like(bj(k), escape="/") for k in range(form[1])))
     if kind == "uri":
         f = form[0]
         if f == "eq":

@@ -11,11 +11,13 @@ Contract
 * Searching: a value is one or more words (:func:`query_words`); a resource matches when *every*
   word of the value begins a word of its text (``_text=heart fail`` finds "Heart failure");
   comma-separated values are OR-ed, repeated parameters AND-ed. A value without any word is a 400.
-* SQL: :class:`WordsMatch` renders, on PostgreSQL, ``to_tsvector('simple', value) @@
-  to_tsquery('simple', :q)`` with ``q = 'w1:* & w2:*'`` (served by the GIN index of migration
-  0006; words are letters and digits only, so ``q`` never holds tsquery operators, and it is a
-  bound value anyway), and elsewhere (SQLite) ``value LIKE '% w1%' AND value LIKE '% w2%'`` (each
-  pattern bound). Both mean "every word is a prefix of a stored word".
+* SQL: ``value LIKE '% w1%' AND value LIKE '% w2%'`` (each pattern bound; words hold no LIKE
+  wildcards) within the ``(facility, type, param)`` range of ``idx_text``, on both backends. Not
+  PostgreSQL full text: its operators (``@@``, ``to_tsvector``) are not leakproof, so under the
+  forced row-level security of every table the planner cannot use a GIN index for them and
+  computes ``to_tsvector`` per row (~0.3 ms); a LIKE over the stored words costs microseconds per
+  row. The work grows with the facility's resources of the type, as ``:contains`` does; next to a
+  selective criterion (``patient=``) the text criterion is a per-row probe.
 """
 
 from __future__ import annotations
@@ -24,11 +26,6 @@ import html
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
-
-from sqlalchemy import Boolean
-from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.sql.elements import ColumnElement
-from sqlalchemy.sql.visitors import InternalTraversal
 
 from .extract import normalize
 
@@ -96,42 +93,6 @@ def query_words(raw: str) -> list[str]:
     return list(dict.fromkeys(words(raw)))[:MAX_QUERY_WORDS]
 
 
-def ts_query(found: Sequence[str]) -> str:
-    """The PostgreSQL tsquery text for "every word as a prefix"."""
-    return " & ".join(f"{w}:*" for w in found)
-
-
 def like_patterns(found: Sequence[str]) -> list[str]:
     """The LIKE patterns (escape ``/``) for "every word as a prefix" on the stored form."""
     return [f"% {w}%" for w in found]  # words hold no %, _ or /
-
-
-class WordsMatch(ColumnElement[bool]):
-    """Every word of a value begins a word of ``column`` (see the module docstring): ``query`` is
-    the bound tsquery (PostgreSQL), ``likes`` the bound LIKE patterns (elsewhere)."""
-
-    inherit_cache = True
-    type = Boolean()
-    _traverse_internals = [
-        ("column", InternalTraversal.dp_clauseelement),
-        ("query", InternalTraversal.dp_clauseelement),
-        ("likes", InternalTraversal.dp_clauseelement_tuple),
-    ]
-
-    def __init__(self, column: Any, query: Any, likes: Sequence[Any]) -> None:
-        self.column = column
-        self.query = query
-        self.likes = tuple(likes)
-
-
-@compiles(WordsMatch)
-def _compile_like(element: WordsMatch, compiler: Any, **kw: Any) -> str:
-    column = compiler.process(element.column, **kw)
-    parts = [f"{column} LIKE {compiler.process(p, **kw)} ESCAPE '/'" for p in element.likes]
-    return "(" + " AND ".join(parts) + ")"
-
-
-@compiles(WordsMatch, "postgresql")
-def _compile_tsquery(element: WordsMatch, compiler: Any, **kw: Any) -> str:
-    column = compiler.process(element.column, **kw)
-    return f"to_tsvector('simple', {column}) @@ to_tsquery('simple', {compiler.process(element.query, **kw)})"

@@ -1,9 +1,9 @@
 """``_text`` and ``_content`` search (issue 3): the ``idx_text`` table.
 
 One row per resource and param (``_text``: the narrative's words, ``_content``: the words of every
-string), under forced row-level security with the ``facility_isolation`` policy (as 0002), with a
-GIN index on ``to_tsvector('simple', value)`` for the word-prefix searches of
-``subgraphs/store/search_text.py``. Existing resources get their rows from ``unihealth reindex``.
+string), under forced row-level security with the ``facility_isolation`` policy (as 0002), searched
+by LIKE within ``(facility, type, param)`` (``subgraphs/store/search_text.py`` says why not full
+text). Existing resources get their rows from ``unihealth reindex``.
 
 Revision ID: 0006
 Revises: 0005
@@ -33,7 +33,6 @@ def upgrade() -> None:
     )
     op.create_index("ix_idx_text_res", "idx_text", ["facility", "type", "id", "param"], unique=False)
     op.create_index("ix_idx_text_lookup", "idx_text", ["facility", "type", "param"], unique=False)
-    op.execute("CREATE INDEX ix_idx_text_words ON idx_text USING gin (to_tsvector('simple'::regconfig, value))")
     op.execute("ALTER TABLE idx_text ENABLE ROW LEVEL SECURITY")
     op.execute("ALTER TABLE idx_text FORCE ROW LEVEL SECURITY")
     op.execute(f"CREATE POLICY facility_isolation ON idx_text USING ({FACILITY}) WITH CHECK ({FACILITY})")
