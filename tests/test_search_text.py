@@ -31,6 +31,9 @@ def test_the_index_holds_distinct_words() -> None:
     assert rows["_content"].startswith(" smith ann female 1970 01 ")
     assert " heart " in rows["_content"] and " b " not in rows["_content"]
     assert [r["param"] for r in text_rows(patient("Plain"))] == ["_content"]
+    photo = patient("Pic", photo=[{"contentType": "image/png", "data": "iVBORw0KGgo" * 20}])
+    (content,) = text_rows(photo)
+    assert "ivborw0kggo" not in content["value"] and " png " in content["value"]
 
 
 async def test_text_and_content(client: httpx.AsyncClient, other_facility: str) -> None:

@@ -7,7 +7,8 @@ Contract
   of every string value in the resource, the narrative included. A *word* is a maximal run of
   letters or digits of the :func:`~.extract.normalize`-d text (case- and accent-insensitive); the
   row holds each distinct word once, in order of first appearance, space-separated with a space at
-  both ends, cut at :data:`MAX_CHARS`. Resources without a narrative have no ``_text`` row.
+  both ends, cut at :data:`MAX_CHARS`; runs longer than :data:`MAX_WORD` (base64 data) are left
+  out. Resources without a narrative have no ``_text`` row.
 * Searching: a value is one or more words (:func:`query_words`); a resource matches when *every*
   word of the value begins a word of its text (``_text=heart fail`` finds "Heart failure");
   comma-separated values are OR-ed, repeated parameters AND-ed. A value without any word is a 400.
@@ -32,6 +33,7 @@ from .extract import normalize
 TEXT_PARAMS = ("_text", "_content")
 MAX_CHARS = 65536  # per row: distinct words of even a long narrative fit many times over
 MAX_QUERY_WORDS = 16
+MAX_WORD = 64  # longer runs (base64 attachment data, hashes) are not words anyone searches for
 _WORD = re.compile(r"[^\W_]+")
 _TAG = re.compile(r"<[^>]*>")
 
@@ -65,7 +67,7 @@ def _row_value(texts: Iterator[str]) -> str | None:
     size = 1
     for text in texts:
         for word in words(text):
-            if word not in seen:
+            if word not in seen and len(word) <= MAX_WORD:
                 size += len(word) + 1
                 if size > MAX_CHARS:
                     break
