@@ -12,7 +12,10 @@ Contract:
 * Writes validate the resource (R5 model), set ``id`` / ``meta.versionId`` / ``meta.lastUpdated``
   (never trusted from the body), keep everything else exactly as received, and in the same
   transaction append the history row, replace the search index rows and append one outbox row
-  per change (see :mod:`subgraphs.store.writes`).
+  per change (see :mod:`subgraphs.store.writes`). The index is extracted with the facility's
+  registry (:meth:`ResourceRepository.search_registry`: the official parameters plus the
+  facility's active custom SearchParameters); SearchParameter writes are validated and serialized
+  per facility first (:mod:`subgraphs.store.search_custom`).
 * Reads return :class:`StoredResource` with the stored JSON bytes, served without re-serializing.
 """
 
