@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     from .repository import ResourceRepository
 
 MAX_ITERATE = 4  # rounds of _include:iterate / _revinclude:iterate
-EXACT_BELOW = 1000  # _total=estimate counts exactly up to this many matches (PostgreSQL)
+EXACT_BELOW = 1000  # _total=estimate: below this many planned matches, count them (PostgreSQL)
 MAX_INCLUDED = 5000  # included resources per page; beyond that a warning says the list is cut
 CHUNK = 500
 SUBSETTED = {
@@ -192,24 +192,22 @@ def total_mode(query: SearchQuery) -> str | None:
 async def estimate_total(
     repo: ResourceRepository, shape: Any, policy: Any, sub: SubPolicies, params: dict[str, Any]
 ) -> int:
-    """``_total=estimate``. PostgreSQL: exact when there are at most :data:`EXACT_BELOW` matches
-    (a count that stops after ``EXACT_BELOW + 1`` rows), otherwise the planner's row estimate for
-    the match statement (``EXPLAIN``, nothing run), never below what was counted. SQLite exposes no
+    """``_total=estimate``. PostgreSQL: the planner's row estimate for the match statement
+    (``EXPLAIN``, nothing run); when that says at most :data:`EXACT_BELOW` matches, the accurate
+    count instead (cheap for few rows, and exact where a guess would show most). SQLite exposes no
     row estimate: there it is the accurate count (the embedded store is sized for small data)."""
+    count = sql.count(shape, policy, sub)
     if repo.db.dialect != "postgresql":
-        return int((await repo.conn.execute(sql.count(shape, policy, sub), params)).scalar_one())
-    counted = int(
-        (await repo.conn.execute(sql.count_upto(shape, policy, sub), {**params, "cap": EXACT_BELOW + 1})).scalar_one()
-    )
-    if counted <= EXACT_BELOW:
-        return counted
+        return int((await repo.conn.execute(count, params)).scalar_one())
     plan = (await repo.conn.execute(sql.estimate(shape, policy, sub), params)).scalar_one()
     document = orjson.loads(plan) if isinstance(plan, str | bytes) else plan
     try:
         planned = int(document[0]["Plan"]["Plan Rows"])
     except (KeyError, IndexError, TypeError, ValueError):
         planned = 0
-    return max(planned, counted)
+    if planned <= EXACT_BELOW:
+        return int((await repo.conn.execute(count, params)).scalar_one())
+    return planned
 
 
 async def find_ids(repo: ResourceRepository, query: SearchQuery, limit: int = 2) -> list[str]:

@@ -153,13 +153,6 @@ def count(shape: Shape, policy: PolicyShapes, sub: SubPolicies = ()) -> Any:
     return select(func.count()).where(*_current(shape, policy, sub))
 
 
-@lru_cache(maxsize=1024)
-def count_upto(shape: Shape, policy: PolicyShapes, sub: SubPolicies = ()) -> Any:
-    """The number of matches, counting at most ``:cap`` of them (bounded work)."""
-    matches = select(literal(1).label("one")).where(*_current(shape, policy, sub)).limit(bindparam("cap"))
-    return select(func.count()).select_from(matches.subquery("capped"))
-
-
 class Explain(Executable, ClauseElement):
     """``EXPLAIN (FORMAT JSON) <statement>`` (PostgreSQL): the planner's estimate, nothing run.
     The statement keeps its bound parameters."""
