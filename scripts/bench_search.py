@@ -2,7 +2,12 @@
 """Search benchmark (issue 3; prints, never asserts).
 
 Usage: ``.venv/bin/python scripts/bench_search.py [--patients 1000] [--facilities 1]
-[--backends sqlite,postgresql] [--iterations 300] [--postgres-url URL] [--keep DIR] [--no-explain]``
+[--backends sqlite,postgresql] [--iterations 300] [--postgres-url URL] [--keep DIR] [--no-explain]
+[--load-minutes M]``
+
+``--load-minutes M`` stops the import after the batch running at M minutes (the data is in patient
+order, so what is loaded is the first patients, complete); the searches then use those patients
+and the report gives the number of resources reached.
 
 ``--keep DIR`` keeps the SQLite database (and the NDJSON) in ``DIR``; with it, or with
 ``--postgres-url``, a database that already holds the facility's data is measured without
@@ -21,6 +26,12 @@ repository's statements in a read transaction, no HTTP) for random patients:
 * ``chain-identifier``  ``Observation?patient.identifier=<national id>&code=Y`` (chained)
 * ``chain-name``  ``Encounter?patient.name=<family>&_count=20`` (chained, string)
 * ``has-reverse-chain``  ``Patient?_has:Observation:patient:code=Y&name=<family>``
+* ``content-family``  ``Patient?_content=<family>&_count=20`` (word-prefix text search)
+* ``code-total-estimate``  ``Observation?code=Y&_total=estimate&_count=20`` (a large result's total)
+
+Every search resolves the facility's registry first (``repo.search_registry()``: its custom
+SearchParameters, a stamp query), as the REST path does. After the import, PostgreSQL statistics
+are refreshed (``ANALYZE`` as the owner, as autovacuum would eventually).
 
 and reports P50/P95/P99 (ms), sequential throughput (searches/s) and the mean number of matches,
 then prints the query plans (PostgreSQL ``EXPLAIN (ANALYZE, BUFFERS)``, SQLite ``EXPLAIN QUERY
@@ -103,12 +114,15 @@ def _queries(p: Person, rng: random.Random) -> dict[str, tuple[str, list[tuple[s
         "chain-identifier": ("Observation", [("patient.identifier", f"{NATIONAL}|{p.national}"), ("code", code)]),
         "chain-name": ("Encounter", [("patient.name", p.family), ("_count", "20")]),
         "has-reverse-chain": ("Patient", [("_has:Observation:patient:code", code), ("name", p.family)]),
+        "content-family": ("Patient", [("_content", p.family), ("_count", "20")]),
+        "code-total-estimate": ("Observation", [("code", f"{LOINC}|{code}"), ("_total", "estimate"), ("_count", "20")]),
     }
 
 
 async def _search(backends: Backends, facility: str, resource_type: str, pairs: list[tuple[str, str]]) -> int:
     async with backends.repository(facility, write=False) as repo:
-        query = parse_search(resource_type, pairs, default_count=50, max_count=1000)
+        registry = await repo.search_registry()
+        query = parse_search(resource_type, pairs, default_count=50, max_count=1000, registry=registry)
         page = await repo.search(query)
         return len(page.resources) + len(getattr(page, "included", ()))
 
@@ -212,15 +226,62 @@ async def bench_backend(
             if await _loaded(backends, facility):
                 say(f"[{name}] the database already holds {facility}'s data: not importing")
             else:
-                started = time.perf_counter()
-                written = await import_file(backends, data, batch_size=500)
-                say(f"[{name}] imported {written} resources in {time.perf_counter() - started:.0f} s")
+                await _import(backends, data, args.load_minutes, say, name)
+                if name == "postgresql":
+                    await _analyze(settings.migration_database_url)
             await _measure(name, backends, args, say)
         finally:
             await backends.close()
     finally:
         for directory in stop:
             _stop_postgres(directory)
+
+
+class LoadCap(Exception):
+    """The import reached ``--load-minutes``."""
+
+
+async def _import(backends: Backends, data: Path, minutes: float, say: Callable[[str], None], name: str) -> None:
+    started = time.perf_counter()
+    done = 0
+
+    def progress(n: int) -> None:
+        nonlocal done
+        done += n
+        elapsed = time.perf_counter() - started
+        if done % 50_000 < n:
+            say(f"[{name}] {done} resources, {done / elapsed:.0f}/s")
+        if minutes and elapsed > minutes * 60:
+            raise LoadCap
+
+    try:
+        await import_file(backends, data, batch_size=500, progress=progress)
+        say(f"[{name}] imported {done} resources in {time.perf_counter() - started:.0f} s")
+    except LoadCap:
+        say(f"[{name}] stopped the import at {minutes} min: {done} resources")
+
+
+async def _analyze(owner_url: str) -> None:
+    from subgraphs.store.database import open_database
+
+    db = open_database(owner_url)
+    try:
+        await db.analyze()
+    finally:
+        await db.dispose()
+
+
+async def _sizes(backends: Backends, facility: str) -> tuple[int, set[str]]:
+    """The facility's resources and its Patients' ids, as stored."""
+    from sqlalchemy import func, select
+
+    from subgraphs.store.schema import resources
+
+    async with backends.repository(facility, write=False) as repo:
+        where = (resources.c.facility == facility, resources.c.deleted.is_(False))
+        total = (await repo.conn.execute(select(func.count()).select_from(resources).where(*where))).scalar_one()
+        stmt = select(resources.c.id).where(*where, resources.c.type == "Patient")
+        return int(total), set((await repo.conn.execute(stmt)).scalars())
 
 
 async def _loaded(backends: Backends, facility: str) -> bool:
@@ -235,7 +296,8 @@ async def _loaded(backends: Backends, facility: str) -> bool:
 
 async def _measure(name: str, backends: Backends, args: argparse.Namespace, say: Callable[[str], None]) -> None:
     facility = demo_data.facility_ids(args.facilities)[0]
-    people = _people(args.patients, args.facilities, args.seed, facility)
+    stored, patient_ids = await _sizes(backends, facility)
+    people = [p for p in _people(args.patients, args.facilities, args.seed, facility) if p.id in patient_ids]
     rng = random.Random(args.seed)
     kinds = list(_queries(people[0], rng))
     timings: dict[str, list[float]] = {k: [] for k in kinds}
@@ -254,7 +316,10 @@ async def _measure(name: str, backends: Backends, args: argparse.Namespace, say:
         async with backends.repository(facility, write=False) as repo:
             await repo.read("Patient", person.id)
         floor.append((time.perf_counter() - t) * 1000)
-    print(f"\n== {name}: {args.patients} patients, facility {facility}, {args.iterations} searches each")
+    print(
+        f"\n== {name}: facility {facility} holds {stored} resources ({len(patient_ids)} patients), "
+        f"{args.iterations} searches each"
+    )
     print(
         f"(floor: a read by id in its own transaction, P50 {_percentile(floor, 50):.2f} ms, "
         f"P95 {_percentile(floor, 95):.2f} ms)"
@@ -302,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--postgres-url", default="", help="an owner URL (default: a throw-away server)")
     parser.add_argument("--keep", default="", help="keep the SQLite database and the data here, reuse them")
     parser.add_argument("--no-explain", dest="explain", action="store_false")
+    parser.add_argument("--load-minutes", type=float, default=0, help="stop the import after this long (0: never)")
     asyncio.run(main_async(parser.parse_args(argv)))
     return 0
 

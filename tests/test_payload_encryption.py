@@ -30,6 +30,7 @@ from subgraphs.store.reencrypt import reencrypt
 from subgraphs.store.schema import resource_history, resources
 from tests.conftest import token_for
 from tests.helpers import assert_outcome, create, observation, patient
+from tests.test_search_custom_params import definition
 
 
 @asynccontextmanager
@@ -86,6 +87,14 @@ async def test_payloads_are_sealed_at_rest_and_served_as_written(
         assert [e["resource"]["id"] for e in found.json()["entry"]] == [pid], "search still finds it"
         versions = await c.get(f"/Patient/{pid}/_history")
         assert [e["resource"]["meta"]["versionId"] for e in versions.json()["entry"]] == ["2", "1"]
+        custom = await c.post(
+            "/SearchParameter", json=definition("nickname", "string", "Patient.name.given", "Patient")
+        )
+        assert custom.status_code == 201, custom.text
+        assert kid_of((await stored(db, resources, facility, "SearchParameter", custom.json()["id"]))[0]) == "k1"
+        nick = (await create(c, patient(name, name=[{"family": name, "given": ["Sealy"]}])))["id"]
+        found = await c.get("/Patient", params={"nickname": "Sealy"})
+        assert [e["resource"]["id"] for e in found.json()["entry"]] == [nick], "a sealed custom parameter is in use"
         summary = await c.get(f"/Patient/{pid}/summary")
         assert summary.status_code == 200
         assert oid in {e["resource"]["id"] for e in summary.json()["entry"]}

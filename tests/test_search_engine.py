@@ -702,8 +702,7 @@ async def test_unknown_and_unsupported_lenient_or_strict(client: httpx.AsyncClie
         {"shoe-size": "42"},
         {"name:in": "x"},  # a modifier the spec has for another type
         {"gender:in": "http://x/vs"},  # terminology modifiers are not supported
-        {"_text": "x"},
-        {"_content": "x"},
+        {"_text:exact": "x"},  # _text and _content themselves: tests/test_search_text.py
         {"_filter": "name eq x"},
         {"_count:x": "1"},
     ):
@@ -846,7 +845,8 @@ async def test_capability_statement_lists_the_registry_parameters(client: httpx.
     obs = {p["name"]: p["type"] for p in by_type["Observation"]["searchParam"]}
     assert obs["code-value-quantity"] == "composite" and obs["value-quantity"] == "quantity"
     assert obs["_profile"] == "reference" and obs["_source"] == "uri" and obs["_lastUpdated"] == "date"
-    assert {"_text", "_content", "_filter", "_has", "_in"}.isdisjoint(obs)
+    assert {"_filter", "_has", "_in"}.isdisjoint(obs)
+    assert obs["_text"] == obs["_content"] == "special"
     assert "near" not in {p["name"] for p in by_type["Location"]["searchParam"]}
     for resource_type, resource in by_type.items():
         assert [p["name"] for p in resource["searchParam"]] == [p.code for p in supported_params(resource_type)]

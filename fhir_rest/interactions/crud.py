@@ -91,7 +91,7 @@ async def conditional_match(repo: ResourceRepository, resource_type: str, criter
         pairs = parse_qsl(criteria, keep_blank_values=True, strict_parsing=True)
     except ValueError:
         raise bad_request(f"'{criteria}' is not a valid search query", expression=["If-None-Exist"]) from None
-    query = parse_search(resource_type, pairs, strict=True)
+    query = parse_search(resource_type, pairs, strict=True, registry=await repo.search_registry())
     if not query.criteria:
         raise bad_request("a conditional query needs at least one search criterion", expression=["If-None-Exist"])
     await repo.lock(f"cond:{query.scope()}")

@@ -52,6 +52,7 @@ async def search(
         max_count=max_count,
         strict=strict,
         base=ctx.base,
+        registry=await repo.search_registry(),  # the facility's custom SearchParameters included
     )
     after = cursor.decode(key, repo.facility, query.scope(), query.page) if query.page else None
     page = await repo.search(query, after=after)

@@ -21,6 +21,7 @@ CLINICAL = (
     "Provenance",
 )
 DIRECTORY = ("Practitioner", "PractitionerRole", "Organization", "Location")
+DEFINITIONS = ("SearchParameter",)  # a facility's custom search parameters (docs/search.md)
 
 
 def _table(*parts: tuple[Iterable[str], str]) -> dict[str, str]:
@@ -38,9 +39,9 @@ PERMISSIONS: dict[str, dict[str, str]] = {
     "registrar": _table((("Patient", "Encounter", "Consent"), "crus"), (DIRECTORY, "crus")),
     "auditor": _table((("AuditEvent", "Provenance"), "rs")),
     "analyst": _table((CLINICAL, "rs"), (DIRECTORY, "rs")),
-    "admin": _table((CLINICAL, "cruds"), (DIRECTORY, "cruds")),
+    "admin": _table((CLINICAL, "cruds"), (DIRECTORY, "cruds"), (DEFINITIONS, "cruds")),
     # a backend service (EHR interface engine, bulk loader): may also submit AuditEvents, never read them
-    "integration": _table((CLINICAL, "cruds"), (DIRECTORY, "cruds"), (("AuditEvent",), "c")),
+    "integration": _table((CLINICAL, "cruds"), (DIRECTORY, "cruds"), (DEFINITIONS, "cruds"), (("AuditEvent",), "c")),
 }
 
 ROLES = tuple(PERMISSIONS)

@@ -6,8 +6,9 @@ Contract
   :class:`~.access.AccessPolicy`, with statements from :mod:`.statements` (cached per shape, bound
   values only, ``facility = :facility`` in every statement and subquery).
 * :func:`search`: one keyset page of matches (sorted by every ``_sort`` key, then id; the next
-  position holds every sort value and the id), the total when asked (``_total``, ``_summary=count``,
-  ``_count=0``) or free (everything fits on the first page), and the ``_include``/``_revinclude``
+  position holds every sort value and the id), the total when asked (``_total=accurate``, or
+  ``estimate``: see :func:`estimate_total`; ``_summary=count`` and ``_count=0`` count too) or free
+  (everything fits on the first page; never with ``_total=none``), and the ``_include``/``_revinclude``
   resources (``:iterate`` followed up to :data:`MAX_ITERATE` rounds). Matches need the caller's
   search grant (403 without); chained and ``_has`` searches of other types need a search grant on
   those too (403 without) and see only rows inside it. Included resources come from the same
@@ -16,8 +17,9 @@ Contract
 * :func:`everything`: the Patient compartment (R5 CompartmentDefinition) page by page in (type, id)
   order, types the caller may not search left out, plus the non-compartment resources (Practitioner,
   Organization, Medication...) the page refers to, under the read grant.
-* :func:`reindex` / :func:`reindex_step`: re-extract the index rows of stored resources (after a
-  registry change), in one transaction or in bounded steps.
+* :func:`reindex` / :func:`reindex_step`: re-extract the index rows of stored resources of the
+  repository's facility (after a registry change) with the facility's registry (its active custom
+  SearchParameters included), in one transaction or in bounded steps.
 * :func:`subset`: the ``_summary``/``_elements`` form of a stored resource, tagged SUBSETTED.
 """
 
@@ -30,6 +32,7 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from sqlalchemy import delete, insert
 
 from . import fhirjson
@@ -57,6 +60,7 @@ if TYPE_CHECKING:
     from .repository import ResourceRepository
 
 MAX_ITERATE = 4  # rounds of _include:iterate / _revinclude:iterate
+EXACT_BELOW = 1000  # _total=estimate: below this many planned matches, count them (PostgreSQL)
 MAX_INCLUDED = 5000  # included resources per page; beyond that a warning says the list is cut
 CHUNK = 500
 SUBSETTED = {
@@ -149,9 +153,12 @@ async def search(repo: ResourceRepository, query: SearchQuery, *, after: list[An
     shape = query_shape(query)
     params.update(query_params(query, repo.facility))
     params.update(sub_params)
+    mode = total_mode(query)
     total = None
-    if query.total:
+    if mode == "accurate":
         total = (await repo.conn.execute(sql.count(shape, policy, sub), params)).scalar_one()
+    elif mode == "estimate":
+        total = await estimate_total(repo, shape, policy, sub, params)
     if query.summary_count or query.count == 0:
         return SearchResult([], None, total)
     keys = tuple(query.sort) or (SortKey("_id", "_id", False),)
@@ -166,12 +173,42 @@ async def search(repo: ResourceRepository, query: SearchQuery, *, after: list[An
     if len(rows) > query.count:
         last = rows[query.count - 1]
         position = [_position_value(getattr(last, f"sk{i}")) for i in range(len(keys))] + [last.id]
-    if total is None and after is None and position is None:
+    if total is None and after is None and position is None and mode != "none":
         total = len(page)  # the whole result is on this first page: the total is free
-    included, warnings = await includes(repo, query.includes, page)
+    included, warnings = await includes(repo, query.includes, page, query.registry)
     _touch(repo, page)
     _touch(repo, included)
     return SearchResult(page, position, total, tuple(included), tuple(warnings))
+
+
+def total_mode(query: SearchQuery) -> str | None:
+    """How to count ``query``'s matches: ``accurate``, ``estimate``, ``none`` or None (not asked:
+    only the free total of a first page that holds everything). ``_summary=count`` and
+    ``_count=0`` ask for the total: accurate unless ``_total=estimate``."""
+    if query.summary_count or query.count == 0:
+        return "estimate" if query.total_mode == "estimate" else "accurate"
+    return query.total_mode
+
+
+async def estimate_total(
+    repo: ResourceRepository, shape: Any, policy: Any, sub: SubPolicies, params: dict[str, Any]
+) -> int:
+    """``_total=estimate``. PostgreSQL: the planner's row estimate for the match statement
+    (``EXPLAIN``, nothing run); when that says at most :data:`EXACT_BELOW` matches, the accurate
+    count instead (cheap for few rows, and exact where a guess would show most). SQLite exposes no
+    row estimate: there it is the accurate count (the embedded store is sized for small data)."""
+    count = sql.count(shape, policy, sub)
+    if repo.db.dialect != "postgresql":
+        return int((await repo.conn.execute(count, params)).scalar_one())
+    plan = (await repo.conn.execute(sql.estimate(shape, policy, sub), params)).scalar_one()
+    document = orjson.loads(plan) if isinstance(plan, str | bytes) else plan
+    try:
+        planned = int(document[0]["Plan"]["Plan Rows"])
+    except (KeyError, IndexError, TypeError, ValueError):
+        planned = 0
+    if planned <= EXACT_BELOW:
+        return int((await repo.conn.execute(count, params)).scalar_one())
+    return planned
 
 
 async def find_ids(repo: ResourceRepository, query: SearchQuery, limit: int = 2) -> list[str]:
@@ -192,18 +229,23 @@ def _chunks(items: Sequence[str], size: int = CHUNK) -> Iterable[list[str]]:
 
 
 async def includes(
-    repo: ResourceRepository, wanted: Sequence[Include], found: Sequence[StoredResource]
+    repo: ResourceRepository,
+    wanted: Sequence[Include],
+    found: Sequence[StoredResource],
+    registry: Registry | None = None,
 ) -> tuple[list[StoredResource], list[str]]:
-    """The resources ``wanted`` adds to ``found`` (not repeating any), and warnings."""
+    """The resources ``wanted`` adds to ``found`` (not repeating any), and warnings; ``registry``:
+    the parameters the query was parsed with (default: the official ones)."""
     if not wanted or not found:
         return [], []
+    reg = registry or default_registry()
     seen = {(r.type, r.id) for r in found}
     state = _IncludeState(seen)
-    new = await _include_round(repo, wanted, found, state)
+    new = await _include_round(repo, reg, wanted, found, state)
     iterating = [i for i in wanted if i.iterate]
     rounds = 1
     while new and iterating and rounds <= MAX_ITERATE and not state.cut:
-        new = await _include_round(repo, iterating, new, state)
+        new = await _include_round(repo, reg, iterating, new, state)
         rounds += 1
     warnings = [f"included resources were cut at {MAX_INCLUDED} for this page"] if state.cut else []
     return state.included, warnings
@@ -231,13 +273,16 @@ class _IncludeState:
 
 
 async def _include_round(
-    repo: ResourceRepository, wanted: Sequence[Include], found: Sequence[StoredResource], state: _IncludeState
+    repo: ResourceRepository,
+    registry: Registry,
+    wanted: Sequence[Include],
+    found: Sequence[StoredResource],
+    state: _IncludeState,
 ) -> list[StoredResource]:
     by_type: dict[str, list[str]] = defaultdict(list)
     for r in found:
         by_type[r.type].append(r.id)
     added: list[StoredResource] = []
-    registry = default_registry()
     for inc in wanted:
         if state.cut:
             break
@@ -414,10 +459,11 @@ async def reindex_step(
 async def _rewrite_index(repo: ResourceRepository, rows: Sequence[Any]) -> None:
     by_type: dict[str, list[str]] = defaultdict(list)
     new: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    registry = await repo.search_registry()  # the facility's own SearchParameters included
     for row in rows:
         by_type[row.type].append(row.id)
         doc = fhirjson.loads(reveal(row.type, row.id, row.content))
-        for kind, index in index_rows(doc, resource_type=row.type).items():
+        for kind, index in index_rows(doc, registry, resource_type=row.type).items():
             new[kind] += [{"facility": repo.facility, "type": row.type, "id": row.id, **r} for r in index]
     for table in INDEX_TABLES.values():
         for resource_type, ids in by_type.items():

@@ -58,8 +58,9 @@ text (``Patient/1``, ``http://x/fhir/Patient/1``, ``Patient/1/_history/2``), or 
 ``Reference.type`` when the text has none. It never fetches anything, so ``resolve() is Patient``
 tests the reference's type and nothing else; contained (``#id``) references resolve to nothing.
 
-Parameters not indexed: those without an expression (``_text``, ``_content``, ``_has``, ``_type``,
-``_list``, ``_query``, ``_filter``, Medication ``form``), ``special`` ones (Location ``near`` and
+Parameters not indexed here: those without an expression (``_has``, ``_type``, ``_list``,
+``_query``, ``_filter``, Medication ``form``; ``_text`` and ``_content`` get their words from
+:mod:`.search_text` instead), ``special`` ones (Location ``near`` and
 ``contains``) and ``processingMode = other`` (``_in``). SampledData values are skipped for quantity
 parameters. Phonetic parameters are indexed as plain strings (the phonetic key is the search
 layer's). No import-time I/O: fhirpathpy and its model load on first use.
@@ -1251,7 +1252,10 @@ def index_rows(
     """The rows of ``resource`` for the typed index tables, by table kind (``token``, ``reference``,
     ``date``, ``string``, ``quantity``, ``number``, ``uri``, ``composite``): each row holds
     ``param`` and the kind's value columns, text cut to the column sizes, without duplicates.
-    ``_id`` and ``_lastUpdated`` are left out (the ``resources`` table holds them)."""
+    ``_id`` and ``_lastUpdated`` are left out (the ``resources`` table holds them); ``text`` rows
+    hold the words of ``_text`` and ``_content`` (:func:`.search_text.text_rows`)."""
+    from .search_text import text_rows  # it builds on normalize() here
+
     out: dict[str, list[dict[str, Any]]] = {}
     seen: set[tuple[Any, ...]] = set()
     for code, values in extract(resource, registry, resource_type=resource_type).items():
@@ -1268,4 +1272,7 @@ def index_rows(
                 if key not in seen:
                     seen.add(key)
                     out.setdefault(kind, []).append(row)
+    texts = text_rows(resource)
+    if texts:
+        out["text"] = texts
     return out

@@ -18,7 +18,9 @@ Contract
 * Custom SearchParameter resources (posted at runtime) enter through :meth:`Registry.add` (or
   :func:`param_from_resource` for the raw JSON); they take precedence over a built-in parameter of
   the same code for their base types. Adding is thread-safe; readers see either the old or the new
-  mapping, never a partial one. A reindex of stored resources is the caller's job.
+  mapping, never a partial one. A reindex of stored resources is the caller's job. A facility's
+  own parameters live in a :meth:`Registry.derive`-d registry (see :mod:`.search_custom`), never
+  in the process-wide one.
 * Objects handed out are immutable (frozen dataclasses, tuples); :meth:`Registry.params_for` returns
   a fresh ``dict`` the caller may keep or change.
 * :meth:`Registry.compartment` gives the parameters that put a type in the R5 Patient compartment
@@ -267,6 +269,29 @@ class Registry:
             self._custom[param.url] = param
             self._views = {}
             self._generation += 1
+
+    def derive(self, params: Iterable[SearchParam]) -> Registry:
+        """A new registry with this one's built-in, common and custom parameters (shared, not
+        copied) plus ``params`` as custom ones: a facility's view over the global registry. This
+        registry is left unchanged; later :meth:`add` calls here do not reach the derived one."""
+        derived = Registry.__new__(Registry)
+        derived.source = self.source
+        derived._compartments = self._compartments
+        derived._elements = self._elements
+        derived._lock = threading.Lock()
+        derived._builtin = self._builtin
+        derived._common = self._common
+        with self._lock:
+            derived._custom = dict(self._custom)
+        derived._views = {}
+        derived._generation = 0
+        for param in params:
+            derived.add(param)
+        return derived
+
+    def builtin_codes(self, resource_type: str) -> frozenset[str]:
+        """The codes of the built-in and common parameters of ``resource_type`` (custom ones aside)."""
+        return frozenset(self._builtin.get(resource_type, {})) | frozenset(self._common)
 
     def _build_view(self, resource_type: str) -> dict[str, SearchParam]:
         view: dict[str, SearchParam] = {}

@@ -12,7 +12,10 @@ Contract:
 * Writes validate the resource (R5 model), set ``id`` / ``meta.versionId`` / ``meta.lastUpdated``
   (never trusted from the body), keep everything else exactly as received, and in the same
   transaction append the history row, replace the search index rows and append one outbox row
-  per change (see :mod:`subgraphs.store.writes`).
+  per change (see :mod:`subgraphs.store.writes`). The index is extracted with the facility's
+  registry (:meth:`ResourceRepository.search_registry`: the official parameters plus the
+  facility's active custom SearchParameters); SearchParameter writes are validated and serialized
+  per facility first (:mod:`subgraphs.store.search_custom`).
 * Reads return :class:`StoredResource` with the stored JSON bytes, served without re-serializing.
 """
 
@@ -22,7 +25,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from . import engine, links, writes
+from . import engine, links, search_custom, writes
 from . import statements as sql
 from .access import AccessPolicy
 from .database import Database, SqlConnection
@@ -38,6 +41,7 @@ from .records import (
     document,
     new_id,
 )
+from .registry import Registry
 from .search import SearchQuery, query_params, query_shape
 
 __all__ = [
@@ -73,6 +77,14 @@ class ResourceRepository:
         """(type, id) of every resource this repository returned or wrote — for the access audit."""
         self.patients: set[str] = set()
         """Patients of the resources written here (from their outbox events)."""
+        self._registry: Registry | None = None
+
+    async def search_registry(self) -> Registry:
+        """The search parameters of this facility: the official ones plus its active custom
+        SearchParameters (:mod:`.search_custom`), read once per repository (transaction)."""
+        if self._registry is None:
+            self._registry = await search_custom.facility_registry(self.conn, self.facility)
+        return self._registry
 
     # ------------------------------------------------------------------ policy helpers
     def _policy(self, resource_type: str, letter: str) -> tuple[sql.PolicyShapes, dict[str, Any]]:
@@ -225,6 +237,9 @@ class ResourceRepository:
         keys = [(c.type, c.id) for c in changes]
         if len(set(keys)) != len(keys):
             raise bad_request("a resource may be changed only once per transaction", code="business-rule")
+        definitions = any(c.type == search_custom.KIND for c in changes)
+        if definitions:
+            await self.lock("SearchParameter definitions")
         for resource_type, resource_id in sorted(keys):
             await self.lock(f"{resource_type}/{resource_id}")
         current = await writes.current_versions(self.conn, self.facility, changes)
@@ -232,7 +247,12 @@ class ResourceRepository:
         if not self.policy.everything:
             await self._check_before(changes, current, letters)
         gone = await writes.deleted_patients(self.conn, self.facility, changes)
-        plan = writes.plan(self.facility, changes, current, datetime.now(UTC), gone)
+        if definitions:
+            registry = await search_custom.apply_definitions(self.conn, self.facility, changes)
+            self._registry = None  # the stamp moves with this write: read anew next time
+        else:
+            registry = await self.search_registry()
+        plan = writes.plan(self.facility, changes, current, datetime.now(UTC), gone, registry)
         await writes.apply(self.conn, self.facility, plan, self.db.keyring)
         if not self.policy.everything:
             await self._check_after(changes, letters)

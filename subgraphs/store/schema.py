@@ -23,6 +23,7 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     String,
     Table,
+    Text,
     UniqueConstraint,
     text,
 )
@@ -244,6 +245,14 @@ idx_composite = _index_table(
     lookup=("a_code", "b_code"),
 )
 
+# _text / _content (search_text.py): the distinct normalized words of the narrative / of every
+# string, one row per resource and param, matched by LIKE within (facility, type, param).
+idx_text = _index_table(
+    "idx_text",
+    Column("value", Text, nullable=False),
+    lookup=(),
+)
+
 INDEX_TABLES = {
     "token": idx_token,
     "reference": idx_reference,
@@ -253,4 +262,5 @@ INDEX_TABLES = {
     "number": idx_number,
     "uri": idx_uri,
     "composite": idx_composite,
+    "text": idx_text,
 }

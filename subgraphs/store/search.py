@@ -17,7 +17,8 @@ Contract
   canonical form where :func:`.extract.ucum_canonical` knows them); comma = OR, repeated = AND,
   ``\\,`` ``\\|`` ``\\$`` ``\\\\`` escapes; chains (``subject:Patient.name=x``, up to
   :data:`MAX_DEPTH` links) and ``_has`` (nestable); ``_id``, ``_lastUpdated``, ``_tag``,
-  ``_profile``, ``_security``, ``_source``, ``_language``; ``_sort`` (several keys, ``-`` descending,
+  ``_profile``, ``_security``, ``_source``, ``_language``; ``_text`` and ``_content`` (word
+  prefixes, :mod:`.search_text`); ``_sort`` (several keys, ``-`` descending,
   on ``_id``, ``_lastUpdated`` and any string/token/date/number/quantity/uri parameter), ``_count``,
   ``_total``, ``_summary``, ``_elements``, ``_include``/``_revinclude`` (with ``:iterate``).
 * SQL: :func:`criteria_sql` compiles a query *shape* (:func:`query_shape`: parameters, modifiers,
@@ -67,10 +68,12 @@ from .schema import (
     idx_quantity,
     idx_reference,
     idx_string,
+    idx_text,
     idx_token,
     idx_uri,
     resources,
 )
+from .search_text import TEXT_PARAMS, like_patterns, query_words
 from .validation import SUPPORTED_TYPES
 
 PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
@@ -197,6 +200,7 @@ class SearchQuery:
     page: str | None = None
     ignored: list[str] = field(default_factory=list)
     canonical: str = ""
+    registry: Registry | None = None  # the parameters it was parsed with (None: the default)
 
     def scope(self) -> str:
         """What a paging cursor is bound to besides the facility: type + criteria + sort."""
@@ -471,7 +475,7 @@ def _leaves(
 
 
 def _searchable(param: SearchParam) -> bool:
-    if param.code in _SPECIAL:
+    if param.code in _SPECIAL or param.code in TEXT_PARAMS:
         return True
     if not param.expression or param.type == "special" or param.processing_mode == "other":
         return False
@@ -510,6 +514,8 @@ class _Parser:
     def simple(self, resource_type: str, name: str, code: str, modifier: str | None, raw: str) -> Criterion:
         if code in _SPECIAL:
             return self.special(name, code, modifier, raw)
+        if code in TEXT_PARAMS and self.param(resource_type, code) is not None:
+            return self.text(name, code, modifier, raw)
         param = self.param(resource_type, code)
         if param is None:
             raise Unsupported(f"unknown search parameter {name} for {resource_type}")
@@ -540,6 +546,18 @@ class _Parser:
         if any(p == "" for p in parts):
             raise bad_request(f"parameter {name} has an empty value", expression=[name])
         return Criterion(name, code, "_lastUpdated", None, tuple(_date_leaf(name, p) for p in parts))
+
+    def text(self, name: str, code: str, modifier: str | None, raw: str) -> Criterion:
+        """``_text`` / ``_content``: every word of a value must begin a word of the text."""
+        if modifier is not None:
+            raise Unsupported(f"modifier :{modifier} on {code}")
+        leaves: list[Leaf] = []
+        for part in split_escaped(raw, ","):
+            found = query_words(unescape(part))
+            if not found:
+                raise bad_request(f"{name} needs at least one word (letters or digits)", expression=[name])
+            leaves.append((("words", len(found)), tuple(like_patterns(found))))
+        return Criterion(name, code, "text", None, tuple(leaves))
 
     def type_modifier(self, name: str, param: SearchParam, modifier: str) -> str:
         if not _TYPE_NAME.match(modifier):
@@ -629,7 +647,7 @@ def parse_search(
     """Parse search parameters for ``resource_type``; 400 on malformed values (see module doc).
     ``base``: this server's FHIR base URL (absolute references to it count as local)."""
     parser = _Parser(registry or default_registry(), base)
-    query = SearchQuery(type=resource_type, count=default_count)
+    query = SearchQuery(type=resource_type, count=default_count, registry=registry)
     canonical: list[str] = []
 
     def unsupported(name: str, exc: Unsupported) -> None:
@@ -806,7 +824,7 @@ def drive_rank(shape: Shape) -> int | None:
         return max(inner) + 1 if inner else 8
     if kind == "string":
         return 3 if all(f[0] == "exact" for f in leaves) else 4
-    if kind in ("uri", "composite"):
+    if kind in ("uri", "composite", "text"):
         return 5
     if kind == "has":
         return 8
@@ -867,6 +885,7 @@ _TABLES = {
     "number": idx_number,
     "uri": idx_uri,
     "composite": idx_composite,
+    "text": idx_text,
 }
 
 
@@ -1269,6 +1288,8 @@ def _leaf(kind: str, t: Any, form: tuple[Any, ...], b: _Binds, j: int, target: s
         return _quantity_cond(t.c.system, t.c.code, t.c.unit, t.c.low, t.c.high, form, b, j)
     if kind == "number":
         return _number_cond(t.c.low, t.c.high, form[0], _offset(b, j, 0, NUMBER))
+    if kind == "text":
+        return and_(*(t.c.value.like(bj(k), escape="/") for k in range(form[1])))
     if kind == "uri":
         f = form[0]
         if f == "eq":

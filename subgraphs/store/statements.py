@@ -17,6 +17,9 @@ from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, bindparam, exists, func, literal, or_, select, tuple_
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.base import Executable
+from sqlalchemy.sql.elements import ClauseElement
 
 from .extract import UCUM_CANONICAL
 from .params import PATIENT_PARAM
@@ -148,6 +151,27 @@ def history(by_type: bool, by_id: bool, since: bool, paged: bool) -> Any:
 @lru_cache(maxsize=1024)
 def count(shape: Shape, policy: PolicyShapes, sub: SubPolicies = ()) -> Any:
     return select(func.count()).where(*_current(shape, policy, sub))
+
+
+class Explain(Executable, ClauseElement):
+    """``EXPLAIN (FORMAT JSON) <statement>`` (PostgreSQL): the planner's estimate, nothing run.
+    The statement keeps its bound parameters."""
+
+    inherit_cache = False
+
+    def __init__(self, statement: Any) -> None:
+        self.statement = statement
+
+
+@compiles(Explain, "postgresql")
+def _compile_explain(element: Explain, compiler: Any, **kw: Any) -> str:
+    return "EXPLAIN (FORMAT JSON) " + str(compiler.process(element.statement, **kw))
+
+
+@lru_cache(maxsize=1024)
+def estimate(shape: Shape, policy: PolicyShapes, sub: SubPolicies = ()) -> Any:
+    """The plan (PostgreSQL) of the matches' id list, whose top ``Plan Rows`` is the estimate."""
+    return Explain(select(resources.c.id).where(*_current(shape, policy, sub)))
 
 
 @lru_cache(maxsize=1024)

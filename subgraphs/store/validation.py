@@ -30,6 +30,7 @@ SUPPORTED_TYPES: tuple[str, ...] = (
     "Consent",
     "AuditEvent",
     "Provenance",
+    "SearchParameter",  # custom search parameters of a facility (docs/search.md)
 )
 
 

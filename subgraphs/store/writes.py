@@ -25,6 +25,7 @@ from .errors import conflict_version
 from .extract import index_rows
 from .params import PATIENT_PARAM
 from .records import Change, StoredResource, document
+from .registry import Registry
 from .schema import INDEX_TABLES, idx_reference, outbox, resource_history, resources
 from .validation import validate
 
@@ -87,7 +88,10 @@ def plan(
     current: Versions,
     now: datetime,
     deleted_patient: dict[tuple[str, str], str] | None = None,
+    registry: Registry | None = None,
 ) -> WritePlan:
+    """The rows for ``changes``; index rows extracted with ``registry`` (the facility's search
+    parameters, default: the process-wide official ones)."""
     out = WritePlan()
     for change in changes:
         prev = current.get((change.type, change.id))
@@ -103,7 +107,7 @@ def plan(
             doc = document(change.body, change.type, change.id, version, now)
             validate(change.type, doc)
             content = fhirjson.dumps(doc)
-            for kind, rows in index_rows(doc, resource_type=change.type).items():
+            for kind, rows in index_rows(doc, registry, resource_type=change.type).items():
                 for row in rows:
                     if (
                         kind == "reference"
