@@ -712,6 +712,8 @@ async def test_the_oracle_sees_linked_records_shared_by_consent(world: World) ->
 # Routes outside /fhir/r5: public and data-free, or probed by the GraphQL tests above.
 OTHER_ROUTES = {
     ("/healthz", "GET"): "public, no data",
+    ("/readyz", "GET"): "public, no data: which backends answer",
+    ("/metrics", "GET"): "aggregates by route template and subgraph, no ids or facilities (docs/operations.md)",
     ("/.well-known/smart-configuration", "GET"): "public, no data",
     ("/fhir/r5/.well-known/smart-configuration", "GET"): "public, no data",
     ("/graphql", "GET"): "the GraphQL probes (root fields)",
