@@ -18,7 +18,9 @@ Contract (what any consumer, in any language, may rely on):
        "version": 3,                      # the resource's versionId after the change (>= 1)
        "operation": "create" | "update" | "delete",
        "patient_id": "2369..." | null,    # the compartment's Patient id, when there is one
-       "occurred_at": "2026-01-31T10:00:00.123Z"}   # UTC, equals the version's meta.lastUpdated
+       "occurred_at": "2026-01-31T10:00:00.123Z",   # UTC, equals the version's meta.lastUpdated
+       "previous_patient_id": "51a0..." | null}     # added in 1: an update that moved the resource
+                                                     # out of that patient's compartment
 
   The event is a *pointer*, not the resource: ``(facility, resource_type, resource_id, version)``
   names exactly one stored version, readable with a vread
@@ -80,6 +82,7 @@ class ChangeEvent:
     operation: Operation
     patient_id: str | None
     occurred_at: str
+    previous_patient_id: str | None = None
     schema: int = SCHEMA_VERSION
 
     @property
@@ -124,6 +127,9 @@ class ChangeEvent:
         patient_id = obj.get("patient_id")
         if patient_id is not None and (not isinstance(patient_id, str) or not patient_id):
             raise ValueError("change event field 'patient_id' must be a non-empty string or null")
+        previous = obj.get("previous_patient_id")
+        if previous is not None and (not isinstance(previous, str) or not previous):
+            raise ValueError("change event field 'previous_patient_id' must be a non-empty string or null")
         if not _TYPE_RE.match(obj["resource_type"]):
             raise ValueError("change event field 'resource_type' is not a resource type name")
         _check_instant(obj["occurred_at"])
@@ -136,6 +142,7 @@ class ChangeEvent:
             operation=operation,
             patient_id=patient_id,
             occurred_at=obj["occurred_at"],
+            previous_patient_id=previous,
             schema=schema,
         )
 

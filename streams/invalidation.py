@@ -4,7 +4,8 @@ Contract: :func:`affected` maps a :class:`~streams.events.ChangeEvent` to the en
 stale, all inside the event's facility:
 
 * the resource itself: ``facility|Type|id`` (:func:`resource_key`);
-* when the resource is in a patient's compartment (or is the Patient): that patient's summary
+* when the resource is in a patient's compartment (or is the Patient) — or an update moved it out
+  of one (``previous_patient_id``: then both patients) — that patient's summary
   ``facility|summary|patient`` (:func:`summary_key`) with its variants ``facility|summary|patient|...``
   (per encounter count and caller access level), and every GraphQL variant of it, the prefix
   ``facility|graphql|patient|`` (:func:`graphql_prefix`);
@@ -73,11 +74,12 @@ def affected(event: ChangeEvent) -> Affected:
     f = event.facility
     keys = [resource_key(f, event.resource_type, event.resource_id)]
     prefixes = [search_prefix(f, event.resource_type)]
-    patient = patient_of(event)
-    if patient is not None and event.resource_type not in NOT_IN_PATIENT_VIEWS:
-        keys.append(summary_key(f, patient))
-        prefixes.append(summary_prefix(f, patient))  # its variants (encounters, access level)
-        prefixes.append(graphql_prefix(f, patient))
+    if event.resource_type not in NOT_IN_PATIENT_VIEWS:
+        # the patient whose compartment holds it now, and the one an update moved it out of
+        for patient in dict.fromkeys(p for p in (patient_of(event), event.previous_patient_id) if p is not None):
+            keys.append(summary_key(f, patient))
+            prefixes.append(summary_prefix(f, patient))  # its variants (encounters, access level)
+            prefixes.append(graphql_prefix(f, patient))
     return Affected(tuple(keys), tuple(prefixes))
 
 

@@ -58,6 +58,7 @@ _COLUMNS = (
     outbox.c.version,
     outbox.c.operation,
     outbox.c.patient_id,
+    outbox.c.previous_patient_id,
     outbox.c.occurred_at,
     outbox.c.payload,
 )
@@ -74,6 +75,7 @@ def event_from_row(row: Any) -> ChangeEvent:
         operation=row.operation,
         patient_id=row.patient_id,
         occurred_at=instant(as_utc(row.occurred_at)),
+        previous_patient_id=row.previous_patient_id,
     )
 
 

@@ -478,8 +478,11 @@ def test_change_event_contract() -> None:
         "operation": "create",
         "patient_id": "p1",
         "occurred_at": "2026-01-31T10:00:00.123Z",
+        "previous_patient_id": None,
     }
     assert ChangeEvent.from_json(e.to_json()) == e
+    older = {k: v for k, v in wire.items() if k != "previous_patient_id"}
+    assert ChangeEvent.from_json(orjson.dumps(older)) == e, "events written before the field was added still parse"
     assert ChangeEvent.from_json(orjson.dumps(wire | {"added_later": True})) == e, "unknown fields are ignored"
     assert e.topic == "unihealth.changes.Observation" and e.key == b"fac-x|p1"
     assert message_key("f", "Practitioner", "x", None) == b"f|Practitioner/x"
@@ -495,6 +498,8 @@ def test_change_event_contract() -> None:
         ({"schema": 2}, "unsupported change event schema 2"),
         ({"schema": "1"}, "'schema' must be an integer"),
         ({"version": 0}, "'version'"),
+        ({"previous_patient_id": ""}, "'previous_patient_id'"),
+        ({"previous_patient_id": 3}, "'previous_patient_id'"),
         ({"version": True}, "'version'"),
         ({"operation": "upsert"}, "'operation'"),
         ({"facility": ""}, "'facility'"),

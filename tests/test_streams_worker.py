@@ -8,6 +8,7 @@ helpers at the top are shared with ``test_streams_crash.py`` and ``test_deidenti
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import socket
@@ -392,6 +393,9 @@ def test_affected_entries_of_a_change() -> None:
     assert audit.keys == ("fac|AuditEvent|a1",) and audit.prefixes == ("fac|search|AuditEvent|",)
     med = affected(change("fac", "Medication", "m1", None))
     assert med.keys == ("fac|Medication|m1",) and med.prefixes == (search_prefix("fac", "Medication"),)
+    moved = affected(dataclasses.replace(change("fac", "Observation", "o1", "p2", version=2), previous_patient_id="p1"))
+    assert moved.keys == ("fac|Observation|o1", "fac|summary|p2", "fac|summary|p1"), "both patients' views"
+    assert {"fac|graphql|p1|", "fac|graphql|p2|", "fac|summary|p1|", "fac|summary|p2|"} <= set(moved.prefixes)
 
 
 async def test_processor_retries_then_dead_letters_and_goes_on() -> None:

@@ -87,3 +87,48 @@ async def test_a_summary_cached_for_one_base_url_is_not_served_under_another(
             assert r.status_code == 200
             urls.setdefault(host, set()).update(e["fullUrl"].split("/")[2] for e in r.json()["entry"])
     assert urls == {"a.example": {"a.example"}, "b.example": {"b.example"}}
+
+
+async def test_moving_a_resource_to_another_patient_invalidates_both(inline_app: Starlette, facility: str) -> None:
+    """A corrected subject moves an Observation out of one compartment into another: the change
+    event names both patients, so neither summary is served stale."""
+    from sqlalchemy import select
+
+    from subgraphs.store.schema import outbox
+
+    backends = inline_app.state.backends
+    token = token_for(backends.settings, [facility], roles=["clinician"])
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=inline_app),
+        base_url=BASE,
+        headers={"X-Facility-Id": facility, "Authorization": f"Bearer {token}"},
+    ) as c:
+        left, joined = (await create(c, patient("Left")))["id"], (await create(c, patient("Joined")))["id"]
+        obs = await create(c, observation(left, code="8867-4", value=70))
+
+        async def observations(who: str) -> set[str]:
+            bundle = (await c.get(f"/Patient/{who}/summary")).json()
+            return {e["resource"]["id"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Observation"}
+
+        await asyncio.sleep(0.2)  # let the relay drain the writes
+        assert await observations(left) == {obs["id"]} and await observations(joined) == set()
+        keys = {who: await _key(inline_app, facility, token, who) for who in (left, joined)}
+        assert all([await backends.cache.get(k) is not None for k in keys.values()]), "both summaries cached"
+        moved = {**obs, "subject": {"reference": f"Patient/{joined}"}}
+        assert (await c.put(f"/Observation/{obs['id']}", json=moved)).status_code == 200
+        for _ in range(100):
+            if all([await backends.cache.get(k) is None for k in keys.values()]):
+                break
+            await asyncio.sleep(0.05)
+        assert await backends.cache.get(keys[left]) is None, "the patient it left"
+        assert await backends.cache.get(keys[joined]) is None, "the patient it joined"
+        assert await observations(left) == set() and await observations(joined) == {obs["id"]}
+        async with backends.db.transaction(write=False, facility=facility) as conn:
+            row = (
+                await conn.execute(
+                    select(outbox.c.patient_id, outbox.c.previous_patient_id).where(
+                        outbox.c.facility == facility, outbox.c.id == obs["id"], outbox.c.version == 2
+                    )
+                )
+            ).one()
+        assert (row.patient_id, row.previous_patient_id) == (joined, left)

@@ -246,7 +246,7 @@ class ResourceRepository:
         letters = {key: _letter(change, current.get(key)) for key, change in zip(keys, changes, strict=True)}
         if not self.policy.everything:
             await self._check_before(changes, current, letters)
-        gone = await writes.deleted_patients(self.conn, self.facility, changes)
+        gone = await writes.previous_patients(self.conn, self.facility, changes, current)
         if definitions:
             registry = await search_custom.apply_definitions(self.conn, self.facility, changes)
             self._registry = None  # the stamp moves with this write: read anew next time
@@ -257,7 +257,7 @@ class ResourceRepository:
         if not self.policy.everything:
             await self._check_after(changes, letters)
         self.touched.extend(keys)
-        self.patients.update(e["patient_id"] for e in plan.events if e["patient_id"])
+        self.patients.update(p for e in plan.events for p in (e["patient_id"], e["previous_patient_id"]) if p)
         if self.linker is not None:
             for change in changes:
                 if change.type == "Patient":

@@ -80,6 +80,7 @@ outbox = Table(
     Column("version", Integer, nullable=False),
     Column("operation", String(8), nullable=False),
     Column("patient_id", RID, nullable=True),
+    Column("previous_patient_id", RID, nullable=True),  # an update that moved the resource: the patient it left
     Column("occurred_at", DateTime(timezone=True), nullable=False),
     Column("published_at", DateTime(timezone=True), nullable=True),
     Column("payload", LargeBinary, nullable=True),  # operation "audit": the access record (JSON)

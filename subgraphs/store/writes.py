@@ -59,12 +59,15 @@ async def current_versions(conn: SqlConnection, facility: str, changes: Sequence
     return found
 
 
-async def deleted_patients(conn: SqlConnection, facility: str, changes: Sequence[Change]) -> dict[tuple[str, str], str]:
-    """The compartment patient of each resource about to be deleted (read before its index goes),
-    so a delete event is keyed like the resource's earlier events and stays in their order."""
+async def previous_patients(
+    conn: SqlConnection, facility: str, changes: Sequence[Change], current: Versions
+) -> dict[tuple[str, str], str]:
+    """The compartment patient of each existing resource about to be updated or deleted (read
+    before its index is rewritten): a delete event is keyed like the resource's earlier events, and
+    an update that moves a resource to another patient names the patient it left."""
     by_type: dict[str, list[str]] = defaultdict(list)
     for change in changes:
-        if change.body is None and change.type != "Patient":
+        if change.type != "Patient" and (change.type, change.id) in current:
             by_type[change.type].append(change.id)
     found: dict[tuple[str, str], str] = {}
     ref = idx_reference
@@ -87,7 +90,7 @@ def plan(
     changes: Sequence[Change],
     current: Versions,
     now: datetime,
-    deleted_patient: dict[tuple[str, str], str] | None = None,
+    previous_patient: dict[tuple[str, str], str] | None = None,
     registry: Registry | None = None,
 ) -> WritePlan:
     """The rows for ``changes``; index rows extracted with ``registry`` (the facility's search
@@ -101,8 +104,9 @@ def plan(
         version = prev_version + 1
         content: bytes | None = None
         patient: str | None = change.id if change.type == "Patient" else None
+        before = (previous_patient or {}).get((change.type, change.id))
         if change.body is None and patient is None:
-            patient = (deleted_patient or {}).get((change.type, change.id))
+            patient = before
         if change.body is not None:
             doc = document(change.body, change.type, change.id, version, now)
             validate(change.type, doc)
@@ -139,6 +143,7 @@ def plan(
                 "version": version,
                 "operation": "delete" if deleted else ("create" if created else "update"),
                 "patient_id": patient,
+                "previous_patient_id": before if before is not None and before != patient else None,
                 "occurred_at": now,
             }
         )
