@@ -12,12 +12,14 @@ resolves thousands of fields of FHIR value types. Two steps remove most of that:
   ``info``, ``root``/``parent`` parameters, async resolvers, field extensions or permissions keep
   strawberry's resolver.
 * :class:`DirectExecutionContext` completes an object whose selected fields all have direct
-  resolvers (and whose sub-objects' do too) in one tight loop: call the resolver, serialize
-  leaves with the field type's own ``serialize``, recurse into objects and lists. Anything else —
+  resolvers (and whose sub-objects' do too), or a list of such objects or of leaves, in one tight
+  loop: call the resolver, serialize leaves with the field type's own ``serialize``, recurse into
+  objects and lists. Which selections qualify is decided once per selection set (a plan of
+  steps), before any resolver runs. Anything else —
   a field without a direct resolver, a null for a non-null field, a resolver or serializer that
   raises, a value that is not a list where a list is expected, ``@defer``, resolve middleware,
   ``is_type_of`` — abandons the fast loop for that object and completes it with graphql-core's
-  own code from the start.
+  own code from the start (a list: each of its items).
 
 Contract: answers and errors are exactly graphql-core's and strawberry's — the same Python code
 runs on the same parent objects in the same order, leaves are serialized by the same scalars,
@@ -107,8 +109,44 @@ class _GiveUp(Exception):
     """The fast loop cannot complete this object; graphql-core's code will."""
 
 
+# (response name, the field's direct getter — None for ``__typename`` —, its type, its field nodes)
+_Step = tuple[str, Callable[[Any], Any] | None, GraphQLOutputType | None, FieldDetailsList]
+
+
 class DirectExecutionContext(StrawberryGraphQLCoreExecutionContext):
     """strawberry's execution context with the fast loop of the module contract."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        manager = self.middleware_manager
+        self._direct = manager is None or not manager.middlewares
+        self._plans: dict[tuple[str, int], tuple[GroupedFieldSet, tuple[_Step, ...] | None]] = {}
+
+    def _plan(self, parent_type: GraphQLObjectType, grouped_field_set: GroupedFieldSet) -> tuple[_Step, ...] | None:
+        """The steps completing ``grouped_field_set`` on ``parent_type`` directly, or None when a
+        selected field has no direct resolver (memoized per selection: graphql-core memoizes the
+        grouped field sets of sub-selections, and the set is kept alive with its plan)."""
+        key = (parent_type.name, id(grouped_field_set))
+        cached = self._plans.get(key)
+        if cached is not None:
+            return cached[1]
+        steps: list[_Step] | None = []
+        fields = parent_type.fields
+        for response_name, details in grouped_field_set.items():
+            node = details[0].node
+            name = node.name.value
+            if name == "__typename":
+                steps.append((response_name, None, None, details))  # type: ignore[union-attr]
+                continue
+            field = fields.get(name)
+            resolve = field.resolve if field is not None else None
+            if field is None or not isinstance(resolve, DirectResolver) or node.arguments:
+                steps = None
+                break
+            steps.append((response_name, resolve.get, field.type, details))  # type: ignore[union-attr]
+        plan = None if steps is None else tuple(steps)
+        self._plans[key] = (grouped_field_set, plan)
+        return plan
 
     def execute_fields(
         self,
@@ -118,30 +156,53 @@ class DirectExecutionContext(StrawberryGraphQLCoreExecutionContext):
         grouped_field_set: GroupedFieldSet,
         position_context: Any,
     ) -> AwaitableOrValue[dict[str, Any]]:
-        manager = self.middleware_manager
-        if manager is None or not manager.middlewares:
+        if self._direct and self._plan(parent_type, grouped_field_set) is not None:
             try:
                 return self._object(parent_type, source_value, grouped_field_set)
             except Exception:  # graphql-core's code below raises or reports it, with its path
                 pass
         return super().execute_fields(parent_type, source_value, path, grouped_field_set, position_context)
 
+    def complete_list_value(
+        self,
+        return_type: GraphQLList[GraphQLOutputType],
+        field_details_list: FieldDetailsList,
+        info: GraphQLResolveInfo[Any],
+        path: Path,
+        result: Any,
+        position_context: Any,
+    ) -> AwaitableOrValue[list[Any]]:
+        if self._direct and isinstance(result, list) and self._direct_items(return_type.of_type, field_details_list):
+            try:
+                value: list[Any] = self._value(return_type, field_details_list, result)
+                return value
+            except Exception:  # graphql-core's code below raises or reports it, with its path
+                pass
+        return super().complete_list_value(return_type, field_details_list, info, path, result, position_context)
+
+    def _direct_items(self, item_type: GraphQLOutputType, details: FieldDetailsList) -> bool:
+        """Whether the fast loop can complete items of ``item_type`` selected by ``details``."""
+        if isinstance(item_type, GraphQLNonNull):
+            item_type = item_type.of_type
+        if isinstance(item_type, GraphQLScalarType | GraphQLEnumType):
+            return True
+        if isinstance(item_type, GraphQLObjectType) and item_type.is_type_of is None:
+            grouped, deferred, _ = self.collect_subfields(item_type, details)
+            return not deferred and self._plan(item_type, grouped) is not None
+        return False
+
     def _object(
         self, parent_type: GraphQLObjectType, source: Any, grouped_field_set: GroupedFieldSet
     ) -> dict[str, Any]:
-        fields = parent_type.fields
+        plan = self._plan(parent_type, grouped_field_set)
+        if plan is None:
+            raise _GiveUp
         results: dict[str, Any] = {}
-        for response_name, details in grouped_field_set.items():
-            node = details[0].node
-            name = node.name.value
-            if name == "__typename":
+        for response_name, get, type_, details in plan:
+            if get is None:
                 results[response_name] = parent_type.name
-                continue
-            field = fields.get(name)
-            resolve = field.resolve if field is not None else None
-            if field is None or not isinstance(resolve, DirectResolver) or node.arguments:
-                raise _GiveUp
-            results[response_name] = self._value(field.type, details, resolve.get(source))
+            else:
+                results[response_name] = self._value(type_, details, get(source))  # type: ignore[arg-type]
         return results
 
     def _value(self, type_: GraphQLOutputType, details: FieldDetailsList, value: Any) -> Any:
