@@ -109,6 +109,9 @@ def test_the_fast_loop_resolves_each_field_once_and_gives_up_only_when_it_must()
     assert _answer(fast, "{ items { tags { shout } } }")["errors"] == []
     assert CALLS == ["shout:a", "shout:b"] * 2  # nothing resolved twice: the fast loop completed it
     CALLS.clear()
+    assert _answer(fast, '{ items { tags { shout } greet(who: "x") } }')["errors"] == []
+    assert CALLS == ["shout:a", "shout:b"] * 2  # Item is not direct (greet): known before any resolver ran
+    CALLS.clear()
     answer = _answer(fast, "{ items { required tags { shout } } }")
     assert answer["data"] is None and answer["errors"][0]["path"] == ["items", 0, "required"]
 

@@ -130,21 +130,20 @@ class DirectExecutionContext(StrawberryGraphQLCoreExecutionContext):
         cached = self._plans.get(key)
         if cached is not None:
             return cached[1]
-        steps: list[_Step] | None = []
+        steps: list[_Step] = []
         fields = parent_type.fields
         for response_name, details in grouped_field_set.items():
             node = details[0].node
             name = node.name.value
             if name == "__typename":
-                steps.append((response_name, None, None, details))  # type: ignore[union-attr]
+                steps.append((response_name, None, None, details))
                 continue
             field = fields.get(name)
             resolve = field.resolve if field is not None else None
             if field is None or not isinstance(resolve, DirectResolver) or node.arguments:
-                steps = None
                 break
-            steps.append((response_name, resolve.get, field.type, details))  # type: ignore[union-attr]
-        plan = None if steps is None else tuple(steps)
+            steps.append((response_name, resolve.get, field.type, details))
+        plan = tuple(steps) if len(steps) == len(grouped_field_set) else None
         self._plans[key] = (grouped_field_set, plan)
         return plan
 
