@@ -19,7 +19,8 @@ FHIR base URL.
   cached per query text (the gateway sends few distinct texts). At most ``max_concurrency``
   subgraph operations run at once (each holds one database connection while it runs): the
   embedded SQLite pool checks connections out synchronously on the event loop, so GraphQL must
-  never be what exhausts it.
+  never be what exhausts it. Creating one settles the process's heap once, as a subgraph process
+  does at start (:func:`subgraphs.graphql.app.settle_heap`).
 
 Both count every request in ``unihealth_subgraph_requests_total{subgraph, outcome}`` (``ok``;
 ``errors``: a GraphQL answer with errors; ``unavailable``: :class:`SubgraphUnavailable`) and time it
@@ -229,6 +230,9 @@ class InProcessTransport:
     """Subgraphs executed in this process over ``backends`` (see the module contract)."""
 
     def __init__(self, schemas: Mapping[str, SubgraphSchema], backends: Backends, *, max_concurrency: int = 8) -> None:
+        from subgraphs.graphql.app import settle_heap
+
+        settle_heap()
         self.schemas = dict(schemas)
         self.backends = backends
         self._slots = asyncio.Semaphore(max_concurrency)

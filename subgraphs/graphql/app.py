@@ -4,16 +4,19 @@
 Contract:
 * :func:`create_subgraph_app` serves a schema over backends the caller owns (in-process: the
   edge, tests); :func:`create_standalone_app` opens the backends of ``settings`` in its lifespan
-  and closes them on shutdown (``unihealth subgraph NAME``); once started it moves everything
-  allocated so far out of the cyclic GC's reach (``gc.freeze``: the schema and settings live as
-  long as the process, and full collections over them were the worst latency tail, ~100 ms).
-  Neither does I/O when called.
+  and closes them on shutdown (``unihealth subgraph NAME``); once started it calls
+  :func:`settle_heap`. Neither does I/O when called.
 * Each HTTP request gets a fresh :class:`~subgraphs.graphql.context.SubgraphContext` from its
   headers (``Authorization``, ``X-Facility-Id``, ``X-Request-Id``); responses are JSON written by
   orjson, so ``resource`` fields are the stored bytes and decimals keep their digits.
 * Every request passes :mod:`gateway.observability.asgi` first: its request id is the
   ``X-Request-Id`` the gateway forwarded (or a new one), on every log line and in the response;
   one access-log line; the request-duration and GraphQL-operation histograms.
+* :func:`settle_heap` (once per process; the standalone lifespan and the edge's in-process
+  transport call it when they start) collects, then freezes everything allocated so far: modules,
+  schemas, settings and backends live as long as the process, and without the freeze every full
+  collection walks them all (the worst latency tail; in the edge, one ~100 ms full collection
+  every ~10 ward queries, a third of the observation subgraph's CPU).
 * :func:`schema_for` builds the schema of a subgraph by name (:data:`SUBGRAPHS`).
 """
 
@@ -71,6 +74,18 @@ class SubgraphView(GraphQL[SubgraphContext, None]):
         return fhirjson.dumps(data)
 
 
+_settled = False
+
+
+def settle_heap() -> None:
+    """``gc.collect()`` then ``gc.freeze()``, the first time it is called in this process."""
+    global _settled
+    if not _settled:
+        _settled = True
+        gc.collect()
+        gc.freeze()
+
+
 async def _healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
@@ -103,8 +118,7 @@ def create_standalone_app(schema: SubgraphSchema, settings: Settings, *, name: s
         backends = app.state.backends = await open_backends(settings)
         if settings.metrics:
             backends.cache = counted(backends.cache)
-        gc.collect()
-        gc.freeze()
+        settle_heap()
         try:
             yield
         finally:

@@ -3,7 +3,8 @@
 Contract: :class:`SubgraphSchema` is a ``strawberry.federation.Schema`` pinned to
 :data:`FEDERATION_VERSION` (its SDL links ``https://specs.apollo.dev/federation/v2.x`` and imports
 the directives it uses), with the :class:`~subgraphs.graphql.extensions.SubgraphLifecycle`
-extension (authentication, the request's transaction, error codes). Errors are logged once, by
+extension (authentication, the request's transaction, error codes), and simple fields resolved
+directly by graphql-core (:mod:`subgraphs.graphql.direct`). Errors are logged once, by
 :func:`subgraphs.graphql.errors.to_graphql` (unexpected ones with their stack trace), not by
 strawberry's default logger. A representation that names no entity of the subgraph is
 ``BAD_USER_INPUT`` (strawberry would fail with an internal error).
@@ -21,6 +22,7 @@ from strawberry.types import ExecutionContext, Info
 
 from subgraphs.store.errors import bad_request
 
+from . import direct
 from .extensions import SubgraphLifecycle
 
 # Federation 2.3: @key/@shareable/@external/@requires/@provides/@interfaceObject — supported by
@@ -36,7 +38,9 @@ class SubgraphSchema(strawberry.federation.Schema):
             types=list(types),
             extensions=[SubgraphLifecycle],
             federation_version=FEDERATION_VERSION,
+            execution_context_class=direct.DirectExecutionContext,
         )
+        direct.install(self._schema)
 
     def entities_resolver(self, info: Info, representations: list[FederationAny]) -> list[FederationAny]:
         """strawberry's, after checking that every representation names an entity type here."""
