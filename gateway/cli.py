@@ -118,11 +118,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     settings = _settings(**overrides)
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         sys.exit("unihealth serve: --ssl-certfile and --ssl-keyfile go together")
-    if (
-        settings.profile == "production"
-        and not args.ssl_certfile
-        and not settings.allow_plaintext
-    ):
+    if settings.profile == "production" and not args.ssl_certfile and not settings.allow_plaintext:
         sys.exit(
             "unihealth serve: the production profile serves TLS only (--ssl-certfile/--ssl-keyfile); set "
             "UNIHEALTH_ALLOW_PLAINTEXT=1 only behind a TLS-terminating proxy on a private network"

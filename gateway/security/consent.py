@@ -87,8 +87,7 @@ def decision(consent: dict[str, Any], requester: str, purpose: str, labels: set[
     return _decide(consent.get("provision"), base, requester, purpose, labels, now)
 
 
-def permits(consents: Iterable[dict[str, Any]], requester: str, purpose: str, labels: set[str],
-            now: datetime) -> bool:
+def permits(consents: Iterable[dict[str, Any]], requester: str, purpose: str, labels: set[str], now: datetime) -> bool:
     verdicts = [d for d in (decision(c, requester, purpose, labels, now) for c in consents) if d is not None]
     return bool(verdicts) and all(verdicts)
 
