@@ -160,7 +160,7 @@ async def linked_everything_page(
                     break
                 after = page.next_position
         if shared:
-            await _record_sharing(backends, ctx, facility, their_id, shared, btg)
+            await _record_sharing(backends, ctx, facility, their_id, shared, btg, "$everything")
             out += [linked_entry(facility, r, "match") for r in shared]
         index, after = index + 1, None
     return out, next_position
@@ -173,8 +173,10 @@ async def _record_sharing(
     their_id: str,
     shared: list[StoredResource],
     btg: Session | None,
+    via: str,
 ) -> None:
-    """The access record of this sharing, in the data owner's chain."""
+    """The access record of this sharing, in the data owner's chain (its detail names ``via``:
+    what asked)."""
     assert ctx.principal is not None
     audit = AccessAudit(
         interaction="operation",
@@ -184,7 +186,7 @@ async def _record_sharing(
         resource_id=their_id,
         request_id=ctx.request_id,
         status=200,
-        detail=f"linked $everything for facility {ctx.facility} under {'break-the-glass' if btg else 'consent'}",
+        detail=f"linked {via} for facility {ctx.facility} under {'break-the-glass' if btg else 'consent'}",
     )
     audit.touched.extend((r.type, r.id) for r in shared)
     await backends.record_access(audit)
@@ -218,17 +220,7 @@ async def linked_summary_parts(
     purpose, now = _purpose(ctx), datetime.now(UTC)
     out: list[Shared] = []
     for facility, their_id in others:
-        audit = AccessAudit(
-            interaction="operation",
-            facility=facility,
-            principal=ctx.principal,
-            resource_type="Patient",
-            resource_id=their_id,
-            request_id=ctx.request_id,
-            status=200,
-            detail=f"linked {via} for facility {ctx.facility} under {'break-the-glass' if btg else 'consent'}",
-        )
-        shared = []
+        shared: list[StoredResource] = []
         async with backends.repository(facility, write=False, policy=ctx.policy) as repo:
             consents = [] if btg else await _consents(repo, their_id)
             if btg is None and not consents:
@@ -240,10 +232,9 @@ async def linked_summary_parts(
             for part in parts:
                 if btg is not None or permits(consents, ctx.facility, purpose, labels_of(part.json()), now):
                     shared.append(part)
-            audit.touched.extend((p.type, p.id) for p in shared)
         if not shared:
             continue
-        await backends.record_access(audit)
+        await _record_sharing(backends, ctx, facility, their_id, shared, btg, via)
         out.append(Shared(facility, their_id, shared, btg is not None))
     return out
 
