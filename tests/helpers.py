@@ -6,8 +6,29 @@ from typing import Any
 
 import httpx
 
+from gateway.security.consent import FACILITY_SYSTEM
+
 LOINC = "http://loinc.org"
 OBS_CAT = "http://terminology.hl7.org/CodeSystem/observation-category"
+TREATMENT = {"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "TREAT"}
+
+
+def treatment_consent(subject: str, grantee: str, decision: str = "deny", **provision: Any) -> dict[str, Any]:
+    """An active R5 Consent of ``Patient/subject``: base ``decision`` with one provision (the
+    opposite) for facility ``grantee``, purpose treatment, plus ``provision``'s extra elements."""
+    return {
+        "resourceType": "Consent",
+        "status": "active",
+        "decision": decision,
+        "subject": {"reference": f"Patient/{subject}"},
+        "provision": [
+            {
+                "actor": [{"reference": {"identifier": {"system": FACILITY_SYSTEM, "value": grantee}}}],
+                "purpose": [TREATMENT],
+                **provision,
+            }
+        ],
+    }
 
 
 def patient(family: str = "Smith", **extra: Any) -> dict[str, Any]:

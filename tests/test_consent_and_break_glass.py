@@ -15,7 +15,7 @@ from gateway.security.consent import FACILITY_SYSTEM, decision, permits
 from subgraphs.store.database import Database
 from subgraphs.store.schema import btg_sessions
 from tests.conftest import token_for
-from tests.helpers import assert_outcome, create, observation, patient
+from tests.helpers import TREATMENT, assert_outcome, create, observation, patient, treatment_consent
 from tests.test_audit import chain, seal
 
 NID = "https://unihealth.dev/fhir/sid/national-id"
@@ -36,7 +36,7 @@ def _actor(facility: str) -> dict[str, Any]:
     return {"reference": {"identifier": {"system": FACILITY_SYSTEM, "value": facility}}}
 
 
-PURPOSE = {"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "TREAT"}
+PURPOSE = TREATMENT
 MATRIX = [
     # (name, consent, requester, purpose, labels, expected)
     ("network-wide permit", _consent(), "B", "TREAT", set(), True),
@@ -190,13 +190,7 @@ async def test_linked_records_need_consent_or_break_the_glass(
         assert _sources(summary) == {"local": ["Patient"]}, "no consent: nothing shared, nothing hinted"
         assert "meta" not in summary
     # the data owner records a consent permitting the home facility, for treatment
-    consent = {
-        "resourceType": "Consent",
-        "status": "active",
-        "decision": "deny",
-        "subject": {"reference": f"Patient/{theirs}"},
-        "provision": [{"actor": [_actor(facility)], "purpose": [PURPOSE]}],
-    }
+    consent = treatment_consent(theirs, facility)
     async with client_for(other_facility, both) as away:
         cid = (await create(away, consent))["id"]
     async with client_for(facility, clinician) as c:

@@ -13,14 +13,12 @@ import pytest
 from starlette.applications import Starlette
 
 from gateway.linked import SOURCE_FACILITY
-from gateway.security.consent import FACILITY_SYSTEM
 from subgraphs.store.database import Database
 from tests.conftest import token_for
-from tests.helpers import assert_outcome, create, observation, patient
+from tests.helpers import assert_outcome, create, observation, patient, treatment_consent
 from tests.test_audit import chain, seal
 
 NID = "https://unihealth.dev/fhir/sid/national-id"
-PURPOSE = {"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "TREAT"}
 RESTRICTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality", "code": "R"}
 
 
@@ -69,21 +67,8 @@ async def linked(app: Starlette, facility: str, other_facility: str) -> AsyncIte
 
 
 async def _consent(w: Linked, decision: str = "deny", **provision: Any) -> str:
-    body = {
-        "resourceType": "Consent",
-        "status": "active",
-        "decision": decision,
-        "subject": {"reference": f"Patient/{w.theirs}"},
-        "provision": [
-            {
-                "actor": [{"reference": {"identifier": {"system": FACILITY_SYSTEM, "value": w.home}}}],
-                "purpose": [PURPOSE],
-                **provision,
-            }
-        ],
-    }
     async with _client(w.app, w.away, w.owner) as away:
-        return str((await create(away, body))["id"])
+        return str((await create(away, treatment_consent(w.theirs, w.home, decision, **provision)))["id"])
 
 
 async def _pages(c: httpx.AsyncClient, url: str, **params: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

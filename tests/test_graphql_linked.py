@@ -15,14 +15,12 @@ from starlette.applications import Starlette
 
 from gateway.graphql_app import GraphQLEdge
 from gateway.graphql_cache import GraphQLCache
-from gateway.security.consent import FACILITY_SYSTEM
 from subgraphs.store.database import Database
 from tests.conftest import token_for
-from tests.helpers import create, observation, patient
+from tests.helpers import create, observation, patient, treatment_consent
 from tests.test_audit import chain, seal
 
 NID = "https://unihealth.dev/fhir/sid/national-id"
-PURPOSE = {"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "TREAT"}
 RESTRICTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality", "code": "R"}
 LINKED = """query($id: ID!) {
   patient(id: $id) {
@@ -90,19 +88,7 @@ class World:
 
     async def consent(self, decision: str = "deny", subject: str | None = None, **provision: Any) -> str:
         """A Consent of A for ``subject`` (default ``theirs``): a provision for B, for treatment."""
-        body = {
-            "resourceType": "Consent",
-            "status": "active",
-            "decision": decision,
-            "subject": {"reference": f"Patient/{subject or self.theirs}"},
-            "provision": [
-                {
-                    "actor": [{"reference": {"identifier": {"system": FACILITY_SYSTEM, "value": self.home}}}],
-                    "purpose": [PURPOSE],
-                    **provision,
-                }
-            ],
-        }
+        body = treatment_consent(subject or self.theirs, self.home, decision, **provision)
         async with _rest(self.app, self.away, self.owner) as away:
             return str((await create(away, body))["id"])
 
