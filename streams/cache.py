@@ -206,10 +206,13 @@ class MemoryCache:
                     del self._tags[tag]
 
 
-_SET = """
+def _store_script(first_tag: int) -> str:
+    """Lua: SET ``KEYS[1]`` with a TTL of ``ARGV[2]`` ms and add it to the tag sets ``KEYS[first_tag..]``,
+    each living at least as long as the entry."""
+    return f"""
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 local ttl = tonumber(ARGV[2])
-for i = 2, #KEYS do
+for i = {first_tag}, #KEYS do
   redis.call('SADD', KEYS[i], KEYS[1])
   if redis.call('PTTL', KEYS[i]) < ttl then
     redis.call('PEXPIRE', KEYS[i], ttl)
@@ -218,20 +221,10 @@ end
 return 1
 """
 
-_SET_IF_CURRENT = """
-if redis.call('GET', KEYS[2]) ~= ARGV[3] then
-  return 0
-end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-local ttl = tonumber(ARGV[2])
-for i = 3, #KEYS do
-  redis.call('SADD', KEYS[i], KEYS[1])
-  if redis.call('PTTL', KEYS[i]) < ttl then
-    redis.call('PEXPIRE', KEYS[i], ttl)
-  end
-end
-return 1
-"""
+
+_SET = _store_script(2)
+# the same store, only while the generation key KEYS[2] still holds the token ARGV[3]
+_SET_IF_CURRENT = "\nif redis.call('GET', KEYS[2]) ~= ARGV[3] then\n  return 0\nend" + _store_script(3)
 
 _GENERATION = """
 local token = redis.call('GET', KEYS[1])
