@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .planner import Fetch, QueryPlan, RepField
-from .transport import Forwarded, SubgraphResponse, SubgraphUnavailable, Transport
+from .transport import Forwarded, SubgraphResponse, SubgraphUnavailable, Transport, measured
 
 log = logging.getLogger("unihealth.federation")
 Path = list[str | int]
@@ -183,7 +183,9 @@ class Executor:
         outcome: Outcome,
     ) -> SubgraphResponse | None:
         try:
-            response = await self.transport.send(subgraph, query, variables, operation_name, forwarded)
+            response = await measured(
+                subgraph, self.transport.send(subgraph, query, variables, operation_name, forwarded)
+            )
         except SubgraphUnavailable as exc:
             log.warning("%s", exc)
             outcome.errors.append(gateway_error(str(exc), "SUBREQUEST_HTTP_ERROR", subgraph))

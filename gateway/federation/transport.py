@@ -22,9 +22,10 @@ FHIR base URL.
   never be what exhausts it. Creating one settles the process's heap once, as a subgraph process
   does at start (:func:`subgraphs.graphql.app.settle_heap`).
 
-Both count every request in ``unihealth_subgraph_requests_total{subgraph, outcome}`` (``ok``;
-``errors``: a GraphQL answer with errors; ``unavailable``: :class:`SubgraphUnavailable`) and time it
-in ``unihealth_subgraph_request_duration_seconds{subgraph}`` (:mod:`gateway.observability`).
+The executor wraps every request to either transport in :func:`measured`: counted in
+``unihealth_subgraph_requests_total{subgraph, outcome}`` (``ok``; ``errors``: a GraphQL answer with
+errors; ``unavailable``: :class:`SubgraphUnavailable`) and timed in
+``unihealth_subgraph_request_duration_seconds{subgraph}`` (:mod:`gateway.observability`).
 """
 
 from __future__ import annotations
@@ -166,16 +167,6 @@ class HttpTransport:
         operation_name: str | None,
         forwarded: Forwarded,
     ) -> SubgraphResponse:
-        return await measured(subgraph, self._send(subgraph, query, variables, operation_name, forwarded))
-
-    async def _send(
-        self,
-        subgraph: str,
-        query: str,
-        variables: Mapping[str, Any],
-        operation_name: str | None,
-        forwarded: Forwarded,
-    ) -> SubgraphResponse:
         import aiohttp
 
         url = self.urls.get(subgraph)
@@ -238,16 +229,6 @@ class InProcessTransport:
         self._slots = asyncio.Semaphore(max_concurrency)
 
     async def send(
-        self,
-        subgraph: str,
-        query: str,
-        variables: Mapping[str, Any],
-        operation_name: str | None,
-        forwarded: Forwarded,
-    ) -> SubgraphResponse:
-        return await measured(subgraph, self._send(subgraph, query, variables, operation_name, forwarded))
-
-    async def _send(
         self,
         subgraph: str,
         query: str,
