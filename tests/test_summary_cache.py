@@ -41,7 +41,7 @@ async def test_write_invalidates_the_cached_summary(inline_app: Starlette, facil
         for who in (pid, other):
             await asyncio.sleep(0.2)  # let the relay drain the writes
             assert (await c.get(f"/Patient/{who}/summary")).status_code == 200
-        keys = {who: await _key(inline_app, facility, token, who) for who in (pid, other)}
+        keys = {who: summary_cache_key(inline_app, facility, token, who) for who in (pid, other)}
         assert await backends.cache.get(keys[pid]) is not None, "the first read filled the cache"
         assert await backends.cache.get(keys[other]) is not None
         await create(c, observation(pid, code="8310-5", value=37.5))
@@ -59,7 +59,8 @@ async def test_write_invalidates_the_cached_summary(inline_app: Starlette, facil
         assert codes == {"8867-4", "8310-5"}, "the new data is served"
 
 
-async def _key(app: Starlette, facility: str, token: str, patient_id: str) -> str:
+def summary_cache_key(app: Starlette, facility: str, token: str, patient_id: str) -> str:
+    """The cache key of ``patient_id``'s summary (5 encounters) as the caller with ``token`` reads it at BASE."""
     from gateway.context import RequestContext
     from gateway.security.policy import policy_for
 
@@ -112,7 +113,7 @@ async def test_moving_a_resource_to_another_patient_invalidates_both(inline_app:
 
         await asyncio.sleep(0.2)  # let the relay drain the writes
         assert await observations(left) == {obs["id"]} and await observations(joined) == set()
-        keys = {who: await _key(inline_app, facility, token, who) for who in (left, joined)}
+        keys = {who: summary_cache_key(inline_app, facility, token, who) for who in (left, joined)}
         assert all([await backends.cache.get(k) is not None for k in keys.values()]), "both summaries cached"
         moved = {**obs, "subject": {"reference": f"Patient/{joined}"}}
         assert (await c.put(f"/Observation/{obs['id']}", json=moved)).status_code == 200

@@ -17,9 +17,6 @@ import pytest
 from starlette.applications import Starlette
 
 from gateway.app import create_app
-from gateway.context import RequestContext
-from gateway.security.policy import policy_for
-from gateway.summary_service import cache_key
 from streams.cache import RedisCache
 from streams.events import AUDIT_TOPIC, message_key, topic_for
 from streams.invalidation import resource_key
@@ -39,8 +36,8 @@ from tests.test_streams_worker import (
     produce,
     stream_env,
 )
+from tests.test_summary_cache import BASE, summary_cache_key
 
-BASE = "http://t/fhir/r5"  # the base the summary's fullUrls (and so its cache key) are built from
 pytest_plugins = ["tests.streams_services"]  # the kafka_bootstrap and redis_url session fixtures
 
 
@@ -60,12 +57,6 @@ async def redis_app(backend: str, settings_for: Any, own_redis: str, kafka_boots
     )
     async with application.router.lifespan_context(application):
         yield application
-
-
-def _key(app: Starlette, facility: str, token: str, patient_id: str) -> str:
-    principal = app.state.backends.verifier.verify(token)
-    ctx = RequestContext(facility=facility, base=BASE, policy=policy_for(principal), principal=principal)
-    return cache_key(ctx, patient_id, 5)
 
 
 def _codes(bundle: dict[str, Any]) -> set[str]:
@@ -142,7 +133,7 @@ async def test_worker_invalidates_the_edges_redis_summary(
                 assert r.status_code == 200, r.text
             first = (await c.get(f"/Patient/{pid}/summary")).json()
             assert _codes(first) == {"8867-4"}
-            keys = {who: _key(redis_app, facility, token, who) for who in (pid, other)}
+            keys = {who: summary_cache_key(redis_app, facility, token, who) for who in (pid, other)}
             assert await probe.get(keys[pid]) is not None, "the first read filled Redis"
             assert await probe.get(keys[other]) is not None
 
