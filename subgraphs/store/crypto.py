@@ -96,27 +96,28 @@ def is_sealed(payload: bytes) -> bool:
     return payload.startswith(MAGIC)
 
 
+def _header(payload: bytes) -> tuple[str, int]:
+    """(kid, offset of the nonce) of a sealed payload."""
+    start = len(MAGIC) + 1
+    end = start + payload[len(MAGIC)]
+    return payload[start:end].decode(errors="replace"), end
+
+
 def kid_of(payload: bytes) -> str | None:
     """The key id of a sealed payload (None for plaintext)."""
-    if not is_sealed(payload):
-        return None
-    n = payload[len(MAGIC)]
-    return payload[len(MAGIC) + 1 : len(MAGIC) + 1 + n].decode()
+    return _header(payload)[0] if is_sealed(payload) else None
 
 
 def reveal(resource_type: str, resource_id: str, payload: bytes) -> bytes:
     """The plaintext JSON of a stored payload (see the module contract)."""
-    if not payload.startswith(MAGIC):
+    if not is_sealed(payload):
         return payload
-    start = len(MAGIC) + 1
-    n = payload[len(MAGIC)]
-    kid = payload[start : start + n].decode(errors="replace")
+    kid, at = _header(payload)
     cipher = _REGISTERED.get(kid)
     if cipher is None:
         raise PayloadKeyError(f"{resource_type}/{resource_id} is sealed with key {kid!r}, which is not configured")
-    nonce = payload[start + n : start + n + _NONCE]
     try:
-        return cipher.decrypt(nonce, payload[start + n + _NONCE :], _aad(resource_type, resource_id))
+        return cipher.decrypt(payload[at : at + _NONCE], payload[at + _NONCE :], _aad(resource_type, resource_id))
     except InvalidTag:
         raise PayloadKeyError(f"{resource_type}/{resource_id}: the sealed payload failed authentication") from None
 
