@@ -909,10 +909,8 @@ async def test_what_cannot_be_planned_is_a_clear_error_not_a_crash() -> None:
 
 
 async def test_the_edge_app_serves_graphql(app: Starlette, client: httpx.AsyncClient, facility: str) -> None:
-    """``unihealth serve``'s app answers /graphql next to FHIR REST, over the same store (once
-    gateway/app.py mounts it: docs/federation.md, "Wiring")."""
-    if not any(getattr(r, "path", None) == "/graphql" for r in app.routes):
-        pytest.skip("gateway/app.py does not mount /graphql yet (docs/federation.md, Wiring)")
+    """``unihealth serve``'s app answers /graphql next to FHIR REST, over the same store."""
+    assert any(getattr(r, "path", None) == "/graphql" for r in app.routes), "gateway/app.py mounts /graphql"
     pid = (await create(client, patient("Edge")))["id"]
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://testserver", headers=dict(client.headers)
