@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Select, select, update
+from sqlalchemy import Select, TextualSelect, select, text, update
 
 from subgraphs.store.database import Database, SqlConnection
 from subgraphs.store.dates import as_utc, instant
@@ -97,6 +97,17 @@ def _row_key(row: Any) -> bytes:
 
 def _pending(limit: int) -> Select[Any]:
     return select(*_COLUMNS).where(outbox.c.published_at.is_(None)).order_by(outbox.c.seq).limit(limit)
+
+
+_SQLITE_PENDING: TextualSelect = text(
+    f"SELECT {', '.join(c.name for c in _COLUMNS)} FROM outbox INDEXED BY ix_outbox_unpublished "
+    "WHERE published_at IS NULL ORDER BY seq LIMIT :limit"
+).columns(*_COLUMNS)
+""":func:`_pending` for SQLite, pinned to the partial index of unpublished rows. SQLite's planner,
+given statistics taken while the import's rows were still unpublished (``ANALYZE`` at start),
+walks the whole table in ``seq`` order instead — every poll then reads every published row and
+its payload (2 ms at 3,000 rows, growing with the outbox; the relay polls 20 times a second and
+after every commit)."""
 
 
 class Relay:
@@ -165,7 +176,7 @@ class Relay:
     # ---------------------------------------------------------------- SQLite
     async def _drain_single(self, limit: int) -> int:
         async with self.db.transaction(write=False) as conn:
-            rows = list(await conn.execute(_pending(limit)))
+            rows = list(await conn.execute(_SQLITE_PENDING, {"limit": limit}))
         if not rows:
             return 0
         await self._publish(rows)
