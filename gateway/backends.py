@@ -117,5 +117,7 @@ async def open_backends(settings: Settings) -> Backends:
                 return backends
             relay_db = backends._relay_db = open_database(settings.relay_database_url, pool_size=2)
         backends.relay = Relay(relay_db, bus)
-        backends._relay_task = asyncio.create_task(backends.relay.run(stop_event=backends._stop))
+        backends._relay_task = asyncio.create_task(
+            backends.relay.run(stop_event=backends._stop, retention=settings.outbox_retention)
+        )
     return backends

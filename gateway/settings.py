@@ -13,6 +13,7 @@ import os
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -47,6 +48,7 @@ class Settings:
     kafka_bootstrap: str = ""
     relay: str = "inline"  # inline: this process drains the outbox; off: a separate relay does
     relay_database_url: str = ""  # PostgreSQL: a role in unihealth_relay (sees every facility's outbox)
+    outbox_retention_hours: int = 24  # published outbox rows older than this are deleted; 0: kept forever
     cache_url: str = ""  # redis://host:port/db; empty: an in-process LRU cache
     summary_ttl: int = 60
     graphql_cache_ttl: int = 60  # seconds a cached single-patient GraphQL answer lives; 0: no cache
@@ -66,6 +68,11 @@ class Settings:
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    @property
+    def outbox_retention(self) -> timedelta | None:
+        """How long published outbox rows are kept (``None``: forever); see :meth:`streams.relay.Relay.purge`."""
+        return timedelta(hours=self.outbox_retention_hours) if self.outbox_retention_hours else None
 
 
 def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
@@ -217,6 +224,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         kafka_bootstrap=str(overrides.get("kafka_bootstrap") or env.get("UNIHEALTH_KAFKA_BOOTSTRAP", "")),
         relay=_choice(env, overrides, "relay", "UNIHEALTH_RELAY", ("inline", "off")),
         relay_database_url=str(overrides.get("relay_database_url") or env.get("UNIHEALTH_RELAY_DATABASE_URL", "")),
+        outbox_retention_hours=_int(env, "UNIHEALTH_OUTBOX_RETENTION_HOURS", 24, 0, 24 * 365),
         cache_url=str(overrides.get("cache_url") or env.get("UNIHEALTH_CACHE_URL", "")),
         summary_ttl=_int(env, "UNIHEALTH_SUMMARY_TTL", 60, 1, 24 * 3600),
         graphql_cache_ttl=_int(env, "UNIHEALTH_GRAPHQL_CACHE_TTL", 60, 0, 24 * 3600),

@@ -20,6 +20,11 @@ Contract:
   relay holds back a claimed row when an older unpublished row of the same key is not in its own
   claim (another relay holds it, or it committed after the claim); the oldest row of every key
   always progresses, so this cannot livelock.
+* Retention: published rows are only a transport's receipt. :meth:`Relay.purge` deletes the oldest
+  rows while they were published before a cut-off, in ``seq`` order, stopping at the first row that
+  is unpublished or younger — so an unpublished row is never deleted and nothing behind it either.
+  :meth:`Relay.run` purges every ``purge_interval`` seconds when given a ``retention``. The broker
+  (Kafka's topic retention) then holds the events; keep it longer than a worker can be down.
 * SQLite (embedded, one process): a plain ordered read, publish outside any transaction (so
   in-process handlers may write to the store), then a short write transaction marks the rows. Run
   one relay per SQLite database; concurrent calls on one :class:`Relay` are serialized.
@@ -31,11 +36,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import Select, TextualSelect, select, text, update
+from sqlalchemy import Select, TextualSelect, delete, select, text, update
 
 from subgraphs.store.database import Database, SqlConnection
 from subgraphs.store.dates import as_utc, instant
@@ -124,6 +129,8 @@ class Relay:
         """Claimed rows left for a later drain because an older row of their key was elsewhere."""
         self.failed_drains = 0
         """Drains of :meth:`run` that failed (publish or database error) and were retried."""
+        self.purged = 0
+        """Published rows this relay deleted past the retention (:meth:`purge`)."""
         self._lock = asyncio.Lock()
         self._wakeup = asyncio.Event()
 
@@ -146,15 +153,59 @@ class Relay:
         self.published += count
         return count
 
-    async def run(self, *, stop_event: asyncio.Event, poll_interval: float = 0.05, limit: int = 500) -> None:
+    async def purge(self, retention: timedelta, *, batch: int = 5000) -> int:
+        """Delete published rows older than ``retention`` (by ``published_at``), oldest first, up to
+        ``batch`` per statement until the oldest remaining row is unpublished or younger; returns
+        how many were deleted. Reads at most ``batch`` rows per round: the front of the outbox."""
+        if batch < 1:
+            raise ValueError("batch must be at least 1")
+        cutoff = datetime.now(UTC) - retention
+        deleted = 0
+        while True:
+            async with self.db.transaction(write=True) as conn:
+                front = list(
+                    await conn.execute(select(outbox.c.seq, outbox.c.published_at).order_by(outbox.c.seq).limit(batch))
+                )
+                last: int | None = None
+                for row in front:
+                    if row.published_at is None or as_utc(row.published_at) >= cutoff:
+                        break
+                    last = row.seq
+                if last is None:
+                    break
+                result = await conn.execute(
+                    delete(outbox).where(outbox.c.seq <= last, outbox.c.published_at.is_not(None))
+                )
+                deleted += int(getattr(result, "rowcount", 0) or 0)
+            if last != front[-1].seq or len(front) < batch:
+                break
+        self.purged += deleted
+        return deleted
+
+    async def run(
+        self,
+        *,
+        stop_event: asyncio.Event,
+        poll_interval: float = 0.05,
+        limit: int = 500,
+        retention: timedelta | None = None,
+        purge_interval: float = 60.0,
+    ) -> None:
         """Drain until ``stop_event`` is set: at once while rows keep coming, else every ``poll_interval``
-        seconds (or on :meth:`wake`); failures are logged and retried with exponential backoff."""
+        seconds (or on :meth:`wake`); failures are logged and retried with exponential backoff. With
+        a ``retention``, also :meth:`purge` every ``purge_interval`` seconds (first at start)."""
         failures = 0
+        next_purge = 0.0
+        loop = asyncio.get_running_loop()
         while not stop_event.is_set():
             delay = poll_interval
             try:
                 if await self.drain_once(limit) > 0:
                     delay = 0.0
+                if retention is not None and loop.time() >= next_purge:
+                    next_purge = loop.time() + purge_interval
+                    if purged := await self.purge(retention):
+                        log.info("outbox relay: deleted %d published rows older than %s", purged, retention)
                 failures = 0
             except Exception:
                 failures += 1

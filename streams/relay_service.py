@@ -110,6 +110,9 @@ def relay_metrics(relay: Relay) -> list[metrics.Metric]:
         metrics.Metric("unihealth_relay_failed_drains_total", "counter", "drains that failed and were retried").add(
             relay.failed_drains
         ),
+        metrics.Metric(
+            "unihealth_relay_purged_total", "counter", "published outbox rows deleted past the retention"
+        ).add(relay.purged),
     ]
 
 
@@ -141,7 +144,13 @@ async def run_relay(settings: Settings, options: RelayOptions, stop: asyncio.Eve
             return
         relay = Relay(db, bus)
         task = asyncio.create_task(
-            relay.run(stop_event=stop, poll_interval=options.poll_interval, limit=options.batch), name="relay"
+            relay.run(
+                stop_event=stop,
+                poll_interval=options.poll_interval,
+                limit=options.batch,
+                retention=settings.outbox_retention,
+            ),
+            name="relay",
         )
 
         async def relay_counters() -> list[metrics.Metric]:

@@ -12,6 +12,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -19,7 +20,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from starlette.applications import Starlette
 
 from streams.bus import Bus, Handler, InProcessBus, KafkaBus, Message, PublishError, matches
@@ -383,6 +384,59 @@ async def test_run_retries_after_failures_and_delivers_in_order(
         ("Observation", 6, "delete"),
     ]
     assert all(r.published_at is not None for r in await outbox_rows(db, facility))
+
+
+async def _age(db: Database, seqs: Sequence[int], days: int) -> None:
+    """Pretend the rows ``seqs`` were published ``days`` ago."""
+    async with db.transaction(write=True) as conn:
+        await conn.execute(
+            update(outbox).where(outbox.c.seq.in_(seqs)).values(published_at=datetime.now(UTC) - timedelta(days=days))
+        )
+
+
+async def _remaining(db: Database) -> list[Any]:
+    async with db.transaction(write=False) as conn:
+        return list(await conn.execute(select(outbox.c.seq, outbox.c.published_at).order_by(outbox.c.seq)))
+
+
+async def test_purge_deletes_old_published_rows_oldest_first_and_never_an_unpublished_one(
+    app: Starlette, relay_database: Database, facility: str
+) -> None:
+    db: Database = relay_database
+    relay = Relay(db, InProcessBus())
+    await drain_all(relay)
+    await _age(db, [r.seq for r in await _remaining(db)], days=2)  # every earlier row: published long ago
+    async with app.state.backends.repository(facility, write=True) as repo:
+        pid = (await repo.create("Patient", patient())).id
+        await repo.create("Observation", observation(pid))
+        await repo.create("Observation", observation(pid, code="8310-5"))
+    fresh = [r.seq for r in await outbox_rows(db, facility)][-3:]
+
+    await relay.purge(timedelta(days=1))  # stops at the first unpublished row
+    assert [r.seq for r in await _remaining(db)] == fresh
+    assert await drain_all(relay) == 3
+    assert await relay.purge(timedelta(days=1)) == 0, "published just now: kept"
+    await _age(db, fresh[1:], days=2)  # the oldest row is young: nothing behind it goes either
+    assert await relay.purge(timedelta(days=1)) == 0
+    await _age(db, fresh[:1], days=2)
+    assert await relay.purge(timedelta(days=1), batch=1) == 3, "oldest first, batch after batch"
+    assert await _remaining(db) == []
+
+    async with app.state.backends.repository(facility, write=True) as repo:  # run() purges on its own
+        await repo.create("Patient", patient())
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        relay.run(stop_event=stop, poll_interval=0.01, retention=timedelta(0), purge_interval=0.01)
+    )
+    try:
+        for _ in range(500):  # up to 10 s
+            if not await _remaining(db):
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        stop.set()
+        await wait_stopped(task)
+    assert await _remaining(db) == [] and relay.purged >= 4
 
 
 # ------------------------------------------------------------------------------------------ (d)
