@@ -57,18 +57,20 @@ async def keys_for(conn: SqlConnection, facility: str, patient_id: str) -> set[s
     return set(rows.scalars())
 
 
+_mine = patient_links.alias("mine")
+_LINKED_TO = (
+    select(patient_links.c.facility, patient_links.c.patient_id)
+    .join(_mine, _mine.c.national_key == patient_links.c.national_key)
+    .where(_mine.c.facility == bindparam("f"), _mine.c.patient_id == bindparam("p"))
+    .where((patient_links.c.facility != bindparam("f")) | (patient_links.c.patient_id != bindparam("p")))
+    .distinct()
+    .order_by(patient_links.c.facility, patient_links.c.patient_id)
+)  # built once: every summary, $everything and GraphQL patient asks it, and building it cost more than running it
+
+
 async def linked_to(conn: SqlConnection, facility: str, patient_id: str) -> list[tuple[str, str]]:
     """``(facility, patient_id)`` of every other record of the same person, in one query."""
-    mine = patient_links.alias("mine")
-    rows = await conn.execute(
-        select(patient_links.c.facility, patient_links.c.patient_id)
-        .join(mine, mine.c.national_key == patient_links.c.national_key)
-        .where(mine.c.facility == bindparam("f"), mine.c.patient_id == bindparam("p"))
-        .where((patient_links.c.facility != bindparam("f")) | (patient_links.c.patient_id != bindparam("p")))
-        .distinct()
-        .order_by(patient_links.c.facility, patient_links.c.patient_id),
-        {"f": facility, "p": patient_id},
-    )
+    rows = await conn.execute(_LINKED_TO, {"f": facility, "p": patient_id})
     return [(r.facility, r.patient_id) for r in rows]
 
 
