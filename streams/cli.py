@@ -50,6 +50,12 @@ def cmd_relay(args: argparse.Namespace) -> None:
         sys.exit(f"unihealth streams relay: {exc}")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from gateway.stream_bench import cmd_bench as run_bench
+
+    run_bench(args)
+
+
 def cmd_worker(args: argparse.Namespace) -> None:
     """Run the Faust worker until SIGTERM/SIGINT."""
     from .worker import AGENTS, WorkerOptions, run_worker
@@ -121,6 +127,19 @@ def add_commands(sub: Any) -> None:
     worker.add_argument("--lag-interval", type=float, default=5.0, help="seconds between consumer-lag measurements")
     _metrics_flags(worker)
     worker.set_defaults(func=cmd_worker)
+
+    bench = sub.add_parser(
+        "bench", help="write -> invalidated summary latency (Kafka + Faust, and in-process), relay throughput"
+    )
+    bench.add_argument("--writes", type=int, default=200, help="writes per edge (one at a time)")
+    bench.add_argument("--events", type=int, default=20000, help="outbox rows for the relay throughput")
+    bench.add_argument("--timeout", type=float, default=10.0, help="seconds a write may take to invalidate")
+    bench.add_argument("--postgres-url", default=None, help="an owner's postgresql+asyncpg:// URL to reuse")
+    bench.add_argument("--redis-url", default=None, help="a Redis to reuse")
+    bench.add_argument("--kafka", default=None, help="a Kafka bootstrap to reuse")
+    bench.add_argument("--work-dir", default=None, help="logs and data (default: a new temporary directory)")
+    bench.add_argument("--json-out", type=Path, default=None, help="default: bench-results/streams-<UTC time>.json")
+    bench.set_defaults(func=cmd_bench)
 
 
 def add_streams_parser(subparsers: Any) -> argparse.ArgumentParser:
