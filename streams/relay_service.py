@@ -25,7 +25,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -35,6 +35,7 @@ from sqlalchemy import func, select
 from subgraphs.store.database import Database, open_database
 from subgraphs.store.dates import as_utc
 from subgraphs.store.schema import outbox
+from subgraphs.store.writes import OUTBOX_CHANNEL
 
 from . import metrics
 from .bus import KafkaBus
@@ -158,6 +159,7 @@ async def run_relay(settings: Settings, options: RelayOptions, stop: asyncio.Eve
 
         unregister.append(metrics.REGISTRY.collector(relay_counters))
         unregister.append(metrics.REGISTRY.collector(outbox_collector(db)))
+        stop_listening = await listen_for_commits(db.url, relay)
         if options.metrics_port is not None:
             server = await metrics.serve(
                 options.metrics_host, options.metrics_port, metrics.REGISTRY, lambda: not task.done()
@@ -167,6 +169,8 @@ async def run_relay(settings: Settings, options: RelayOptions, stop: asyncio.Eve
         started = time.monotonic()
         await stop.wait()
         await wait_stopped(task, options.shutdown_timeout)
+        if stop_listening is not None:
+            await stop_listening()
         log.info("relay: stopped after %.1f s; %d rows published", time.monotonic() - started, relay.published)
     finally:
         for remove in unregister:
@@ -176,6 +180,30 @@ async def run_relay(settings: Settings, options: RelayOptions, stop: asyncio.Eve
         if bus is not None:
             await bus.stop()
         await db.dispose()
+
+
+async def listen_for_commits(url: str, relay: Relay) -> Callable[[], Awaitable[None]] | None:
+    """PostgreSQL: ``LISTEN`` on the outbox channel on a connection of its own and wake ``relay``
+    at every notification (writers signal it on commit), so a change is published at once
+    rather than at the next poll. Returns the close function, or None where that is not possible
+    (SQLite, or the connection failed: the relay then just polls)."""
+    if not url.startswith("postgresql"):
+        return None
+    import asyncpg
+
+    dsn = url.replace("postgresql+asyncpg://", "postgresql://", 1)
+    try:
+        conn = await asyncpg.connect(dsn)
+        await conn.add_listener(OUTBOX_CHANNEL, lambda *_: relay.wake())
+    except (OSError, asyncpg.PostgresError) as exc:
+        log.warning("relay: cannot LISTEN for commits (%r); polling only", exc)
+        return None
+
+    async def close() -> None:
+        with contextlib.suppress(Exception):
+            await conn.close(timeout=5)
+
+    return close
 
 
 def main(settings: Settings, options: RelayOptions) -> None:

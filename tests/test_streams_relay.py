@@ -26,6 +26,7 @@ from starlette.applications import Starlette
 from streams.bus import Bus, Handler, InProcessBus, KafkaBus, Message, PublishError, matches
 from streams.events import SCHEMA_VERSION, TOPIC_PREFIX, ChangeEvent, message_key, topic_for
 from streams.relay import Relay, event_from_row, wait_stopped
+from streams.relay_service import listen_for_commits
 from subgraphs.store.database import Database, open_database
 from subgraphs.store.schema import outbox
 from tests.helpers import observation, patient
@@ -437,6 +438,36 @@ async def test_purge_deletes_old_published_rows_oldest_first_and_never_an_unpubl
         stop.set()
         await wait_stopped(task)
     assert await _remaining(db) == [] and relay.purged >= 4
+
+
+async def test_a_commit_wakes_a_listening_relay_at_once(
+    app: Starlette, relay_database: Database, facility: str, backend: str
+) -> None:
+    """PostgreSQL: writers NOTIFY on commit and a relay process LISTENs, so a change is published
+    long before the next poll (here 10 minutes away); SQLite has no listener (one process, it wakes itself)."""
+    db: Database = relay_database
+    inner = InProcessBus()
+    got = Collector(facility)
+    inner.subscribe(TOPIC_PREFIX, got)
+    relay = Relay(db, inner)
+    await drain_all(relay)
+    close = await listen_for_commits(db.url, relay)
+    if backend == "sqlite":
+        assert close is None
+        return
+    assert close is not None
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop_event=stop, poll_interval=600.0))
+    try:
+        await asyncio.sleep(0.2)  # the first drain found nothing: the relay sleeps for its 600 s poll
+        async with app.state.backends.repository(facility, write=True) as repo:
+            pid = (await repo.create("Patient", patient())).id
+        await got.wait_for(1)  # WAIT (well under the poll) bounds it
+    finally:
+        stop.set()
+        await wait_stopped(task)
+        await close()
+    assert [(e.resource_type, e.resource_id) for e in got.events] == [("Patient", pid)]
 
 
 # ------------------------------------------------------------------------------------------ (d)

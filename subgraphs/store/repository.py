@@ -254,6 +254,8 @@ class ResourceRepository:
             registry = await self.search_registry()
         plan = writes.plan(self.facility, changes, current, datetime.now(UTC), gone, registry)
         await writes.apply(self.conn, self.facility, plan, self.db.keyring)
+        if plan.events and self.db.dialect == "postgresql":
+            await writes.notify_outbox(self.conn)  # relays LISTENing elsewhere publish on commit
         if not self.policy.everything:
             await self._check_after(changes, letters)
         self.touched.extend(keys)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, insert, select, update
+from sqlalchemy import and_, bindparam, delete, insert, select, text, update
 
 from . import fhirjson
 from .crypto import Keyring
@@ -207,6 +207,18 @@ async def apply(conn: SqlConnection, facility: str, p: WritePlan, keyring: Keyri
         if rows:
             await conn.execute(insert(INDEX_TABLES[kind]), rows)
     await conn.execute(insert(outbox), p.events)
+
+
+OUTBOX_CHANNEL = "unihealth_outbox"
+"""PostgreSQL ``NOTIFY`` channel a change's transaction signals on commit, so relays in other
+processes (``LISTEN``) publish at once instead of at their next poll."""
+_NOTIFY_OUTBOX = text(f"SELECT pg_notify('{OUTBOX_CHANNEL}', '')")
+
+
+async def notify_outbox(conn: SqlConnection) -> None:
+    """Signal :data:`OUTBOX_CHANNEL` when this (PostgreSQL) transaction commits; notifications of
+    one transaction are merged, and a rolled-back transaction sends none."""
+    await conn.execute(_NOTIFY_OUTBOX)
 
 
 def _sealed(keyring: Keyring, facility: str, p: WritePlan) -> WritePlan:
