@@ -53,7 +53,7 @@ class AuditSealer:
                     ],
                 )
                 changes = [
-                    Change("AuditEvent", r.event_id, event, server_built=True)
+                    Change("AuditEvent", r.event_id, event)
                     for r, (event, _, _), new in zip(batch, prepared, added, strict=True)
                     if new
                 ]

@@ -55,18 +55,12 @@ class HistoryEntry:
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """One write to make in :meth:`ResourceRepository.save_many`.
-
-    ``server_built``: the body was built by this server's own code (the audit sealer's AuditEvents),
-    whose output the test suite checks against the R5 models, so the write skips the per-resource
-    ``fhir.resources`` validation that every client-supplied body gets (about a fifth of a seal).
-    Never set it for anything that came from a request or a file."""
+    """One write to make in :meth:`ResourceRepository.save_many`."""
 
     type: str
     id: str
     body: dict[str, Any] | None  # None = delete
     if_match: int | None = None
-    server_built: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -109,8 +109,7 @@ def plan(
             patient = before
         if change.body is not None:
             doc = document(change.body, change.type, change.id, version, now)
-            if not change.server_built:
-                validate(change.type, doc)
+            validate(change.type, doc)
             content = fhirjson.dumps(doc)
             for kind, rows in index_rows(doc, registry, resource_type=change.type).items():
                 for row in rows:
