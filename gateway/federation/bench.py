@@ -6,8 +6,7 @@ Contract (prints, never asserts on speed; bounded to about two minutes with the 
    facilities: 30 in ``fac-001``) into a fresh store: by default a throw-away PostgreSQL
    (``scripts/postgres.sh``, stopped at the end; migrations as the owner, every process as a
    login role in ``unihealth_app``, row-level security live), or with ``--backend sqlite`` the
-   embedded SQLite file (whose synchronous connection pool stalls a process for 30 s once more
-   than 16 transactions are open in it — 32 clients reach that; see docs/federation.md);
+   embedded SQLite file;
 2. starts the three subgraphs as processes (``unihealth subgraph ...``), Apollo Gateway over them
    (IntrospectAndCompose, ``scripts/apollo/gateway.mjs``), our gateway over them as its own
    process (HTTP subgraphs), and our gateway with in-process subgraphs over the same store (the
