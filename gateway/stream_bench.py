@@ -69,7 +69,9 @@ class StreamBenchError(ProcessError):
 @dataclass(slots=True)
 class LatencyRow:
     """Write → invalidated summary on one edge: milliseconds from the write's 2xx answer until
-    every cached entry of the patient's summary was gone from Redis."""
+    every cached entry of the patient's summary was gone from Redis; ``invalidated`` counts the
+    writes seen invalidated in time. The Kafka floor row reuses it: ``writes`` messages produced,
+    ``invalidated`` of them consumed, milliseconds from produce to consume."""
 
     target: str
     path: str
