@@ -12,11 +12,18 @@ Contract (prints one table and writes it as JSON; asserts nothing about speed):
    every entry is gone — through outbox, relay process, Kafka, the worker and Redis on the
    production edge; through the inline relay and the in-process bus on the embedded one. A write
    whose entries are still there after ``--timeout`` seconds counts as *not invalidated*.
-3. *Relay throughput*: commits ``--events`` outbox rows in one transaction (synthetic ``delete``
-   change events of one facility, 500 patients, as a burst of writes would leave them), then
-   measures until the relay process has published them all to Kafka (``acks=all``, idempotent
-   producer; the unpublished count polled every 20 ms), and until the worker has consumed them
-   (its change-topic consumer lag back to where it was).
+3. *Kafka floor*: ``--writes`` produce -> consume round trips, one at a time, with the relay's
+   producer settings (``acks=all``, idempotent) and a plain consumer: the part of step 2 no
+   UniHealth code can remove.
+4. *Relay throughput* over real change events: with the relay process stopped, ``unihealth
+   import`` writes demo data of at least ``--events`` resources through the repository (one outbox
+   row each); then :class:`streams.relay.Relay` — the relay process's code, run in the bench
+   process so the clock is exact — drains them in batches of 500 as the relay login, to Kafka
+   through a producer configured as the relay process's (``acks=all``, idempotent), and the bench
+   waits until the worker's ``invalidate`` agent has handled them all (its processed counter on the
+   worker's ``/metrics``, polled every 20 ms; timed from the start of the drain). The same is
+   repeated with a second import drained to an in-process bus without subscribers (the relay's own
+   cost: read, claim, mark). The relay process is started again afterwards.
 
 Nothing runs at import time; everything started is stopped at the end.
 """
@@ -36,17 +43,23 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import httpx
 import redis
 
-from .processes import ProcessError, Server, free_port, python_module
+from .processes import ProcessError, Server, free_port, last_line, python_module, run_logged, tail
 from .topology import Topology, TopologyOptions
+
+if TYPE_CHECKING:
+    from streams.bus import Bus
 
 JSON_SCHEMA_VERSION: Final = 1
 POLL_SECONDS: Final = 0.0005
-SYNTHETIC_FACILITY: Final = "bench-streams"
+RELAY_BATCH: Final = 500  # rows per drain, as `unihealth streams relay --batch`
+RESOURCES_PER_PATIENT: Final = 38.7  # what the demo data writes per patient (measured)
+RELAY_SEEDS: Final = (7001, 7002)  # the two imports of the relay throughput (distinct ids)
+WORKER_PROCESSED: Final = "unihealth_worker_processed_total"
 
 
 class StreamBenchError(ProcessError):
@@ -56,7 +69,9 @@ class StreamBenchError(ProcessError):
 @dataclass(slots=True)
 class LatencyRow:
     """Write → invalidated summary on one edge: milliseconds from the write's 2xx answer until
-    every cached entry of the patient's summary was gone from Redis."""
+    every cached entry of the patient's summary was gone from Redis; ``invalidated`` counts the
+    writes seen invalidated in time. The Kafka floor row reuses it: ``writes`` messages produced,
+    ``invalidated`` of them consumed, milliseconds from produce to consume."""
 
     target: str
     path: str
@@ -236,33 +251,70 @@ def split_at_kafka(row: LatencyRow, bootstrap: str, facility: str, acknowledged_
     row.to_kafka_p50_ms, row.to_kafka_p95_ms = percentile(parts, 0.50), percentile(parts, 0.95)
 
 
+# --------------------------------------------------------------------------- Kafka floor
+
+
+async def _kafka_round_trips(bootstrap: str, count: int, wait: float) -> list[float]:
+    """``count`` produce -> consume round trips (ms), one at a time, through a producer configured
+    as the relay's (:class:`streams.bus.KafkaBus`: ``acks=all``, idempotent, ``linger_ms=2``) and
+    a plain consumer already positioned at the end of a one-partition topic of its own."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from streams.bus import KafkaBus
+    from streams.worker import ensure_topics
+
+    topic = f"unihealth.bench.floor.{uuid.uuid4().hex[:8]}"
+    await ensure_topics(bootstrap, [topic], 1, 1)
+    bus = KafkaBus(bootstrap, client_id="unihealth-streams-bench", connect_timeout=30.0)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, fetch_max_wait_ms=500)
+    samples: list[float] = []
+    await bus.start()
+    await consumer.start()
+    try:
+        partition = TopicPartition(topic, 0)
+        consumer.assign([partition])
+        await consumer.seek_to_end(partition)
+        for n in range(count):
+            value = str(n).encode()
+            began = time.perf_counter()
+            await bus.publish(topic, b"floor", value)
+            async with asyncio.timeout(wait):
+                while (await consumer.getone()).value != value:
+                    pass
+            samples.append((time.perf_counter() - began) * 1000)
+    finally:
+        await consumer.stop()
+        await bus.stop()
+    return samples
+
+
+def measure_kafka_floor(bootstrap: str, count: int, timeout: float = 10.0) -> LatencyRow:
+    """The floor under the production latency: Kafka alone, produce (acknowledged) -> consumed."""
+    samples = asyncio.run(_kafka_round_trips(bootstrap, count, timeout))
+    return LatencyRow(
+        "Kafka floor",
+        "produce (acks=all, idempotent) -> consume, one at a time",
+        count,
+        len(samples),
+        percentile(samples, 0.50),
+        percentile(samples, 0.95),
+        percentile(samples, 0.99),
+        round(max(samples), 2) if samples else None,
+    )
+
+
 # --------------------------------------------------------------------------- relay throughput
 
 
-async def _insert_synthetic(owner_dsn: str, events: int) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(owner_dsn)
-    try:
-        await conn.execute(
-            """INSERT INTO outbox (event_id, facility, type, id, version, operation, patient_id, occurred_at)
-               SELECT gen_random_uuid()::text, $1, 'Observation', 'bench-o-' || g, 1, 'delete',
-                      'bench-p-' || (g % 500), now()
-               FROM generate_series(1, $2::int) AS g""",
-            SYNTHETIC_FACILITY,
-            events,
-        )
-    finally:
-        await conn.close()
-
-
-def _metric(url: str, name: str) -> float | None:
-    """The sum of ``name``'s samples on a Prometheus text page (None: not there or unreachable)."""
+def _metric(url: str, name: str, labels: str = "") -> float | None:
+    """The sum of ``name``'s samples on a Prometheus text page, only those labelled exactly
+    ``labels`` (``agent="invalidate"``) if given; None: not there or unreachable."""
     try:
         page = httpx.get(url, timeout=5).text
     except httpx.HTTPError:
         return None
-    values = [float(line.rsplit(" ", 1)[1]) for line in page.splitlines() if line.startswith((name + " ", name + "{"))]
+    prefixes = (f"{name}{{{labels}}} ",) if labels else (name + " ", name + "{")
+    values = [float(line.rsplit(" ", 1)[1]) for line in page.splitlines() if line.startswith(prefixes)]
     return sum(values) if values else None
 
 
@@ -277,26 +329,105 @@ def _wait_for(read: Callable[[], float | None], done: Callable[[float], bool], b
         time.sleep(0.02)
 
 
-def measure_relay(topology: Topology, events: int, limit: float = 600.0) -> list[ThroughputRow]:
-    """Step 3 of the module contract: the relay process to Kafka, and the worker's catch-up."""
-    relay_metrics = topology.servers["relay"].health.replace("/healthz", "/metrics")
-    worker_metrics = topology.servers["worker"].health.replace("/healthz", "/metrics")
-    _wait_for(lambda: _metric(relay_metrics, "unihealth_outbox_unpublished"), lambda v: v == 0, time.perf_counter(), 60)
-    lag_before = _metric(worker_metrics, "unihealth_consumer_lag_total") or 0.0
-    dsn = topology.owner_url.replace("postgresql+asyncpg://", "postgresql://", 1)
-    asyncio.run(_insert_synthetic(dsn, events))
-    began = time.perf_counter()
-    published = _wait_for(
-        lambda: _metric(relay_metrics, "unihealth_outbox_unpublished"), lambda v: v == 0, began, limit
+def import_demo_data(topology: Topology, work: Path, events: int, seed: int) -> None:
+    """Real change events: demo data of enough patients for at least ``events`` resources (one
+    facility, ``seed``), written through the repository by ``unihealth import`` (a subprocess, as
+    the owner, relay off: :meth:`Topology.import_env`), so each resource commits one outbox row."""
+    from .demo_data import write_ndjson
+
+    ndjson = work / f"relay-{seed}.ndjson"
+    patients = max(1, math.ceil(events / RESOURCES_PER_PATIENT))
+    while (written := write_ndjson(ndjson, patients, 1, seed)) < events:  # patients vary in size
+        patients = math.ceil(patients * events / written) + 1
+    log_file = work / f"relay-{seed}.import.log"
+    status = run_logged(
+        python_module("gateway.cli", "import", str(ndjson)), topology.import_env(), log_file, 900.0, "unihealth import"
     )
-    rows = [ThroughputRow("relay: outbox -> Kafka (acks=all)", events, round(published, 2), round(events / published))]
-    try:  # the worker measures its lag every few seconds: a coarse figure, reported as such
-        consumed = _wait_for(
-            lambda: _metric(worker_metrics, "unihealth_consumer_lag_total"), lambda v: v <= lag_before, began, limit
+    if status != 0:
+        raise StreamBenchError(f"unihealth import failed (status {status}): {last_line(log_file)}\n{tail(log_file)}")
+
+
+async def drain(relay_url: str, bus: Bus, limit: float) -> tuple[int, float]:
+    """Publish every unpublished outbox row with :class:`streams.relay.Relay` (batches of 500, as
+    ``unihealth streams relay``) to the started ``bus``: (rows published, seconds)."""
+    from streams.relay import Relay
+    from subgraphs.store.database import open_database
+
+    db = open_database(relay_url, pool_size=2)
+    try:
+        relay = Relay(db, bus)
+        began = time.perf_counter()
+        async with asyncio.timeout(limit):
+            while await relay.drain_once(RELAY_BATCH):
+                pass
+        return relay.published, time.perf_counter() - began
+    finally:
+        await db.dispose()
+
+
+async def _drain_to(relay_url: str, kafka_bootstrap: str | None, limit: float) -> tuple[int, float]:
+    """:func:`drain` to Kafka (a bus configured as the relay process's), or to an in-process bus
+    without subscribers when ``kafka_bootstrap`` is None."""
+    from streams.bus import InProcessBus, KafkaBus
+
+    bus: Bus = (
+        KafkaBus(kafka_bootstrap, client_id="unihealth-relay", connect_timeout=30.0)
+        if kafka_bootstrap
+        else InProcessBus()
+    )
+    await bus.start()
+    try:
+        return await drain(relay_url, bus, limit)
+    finally:
+        await bus.stop()
+
+
+def _throughput(stage: str, published: int, seconds: float) -> ThroughputRow:
+    return ThroughputRow(stage, published, round(seconds, 2), round(published / seconds) if seconds > 0 else None)
+
+
+def _relay_to_kafka(topology: Topology, relay_url: str, limit: float) -> list[ThroughputRow]:
+    """Drain the outbox to Kafka, then wait for the worker's ``invalidate`` agent to handle it all."""
+    worker_metrics = topology.servers["worker"].health.replace("/healthz", "/metrics")
+
+    def invalidated() -> float | None:
+        return _metric(worker_metrics, WORKER_PROCESSED, 'agent="invalidate"')
+
+    before = invalidated() or 0.0
+    began = time.perf_counter()
+    published, seconds = asyncio.run(_drain_to(relay_url, topology.kafka_bootstrap, limit))
+    rows = [_throughput("relay: outbox -> Kafka (acks=all, idempotent)", published, seconds)]
+    stage = "worker: Kafka -> invalidate agent done"
+    try:
+        rows.append(
+            _throughput(stage, published, _wait_for(invalidated, lambda v: v >= before + published, began, limit))
         )
-        rows.append(ThroughputRow("worker: consumed (lag measured every 5 s)", events, round(consumed, 2), None))
     except StreamBenchError:
-        rows.append(ThroughputRow("worker: consumed (lag measured every 5 s)", events, None, None))
+        rows.append(ThroughputRow(stage, published, None, None))
+    return rows
+
+
+def measure_relay(topology: Topology, work: Path, events: int, limit: float = 600.0) -> list[ThroughputRow]:
+    """Step 4 of the module contract: the relay to Kafka (and the worker's catch-up) and to the
+    in-process bus, each over its own import of real change events. The relay process is stopped
+    meanwhile (so the bench's relay owns the backlog) and started again at the end."""
+    from streams.relay_service import relay_database_url
+
+    from .settings import load_settings
+
+    relay_process = topology.servers["relay"]
+    relay_metrics = relay_process.health.replace("/healthz", "/metrics")
+    _wait_for(lambda: _metric(relay_metrics, "unihealth_outbox_unpublished"), lambda v: v == 0, time.perf_counter(), 60)
+    relay_url = relay_database_url(load_settings(topology.service_env["relay"]))
+    relay_process.stop()
+    try:
+        import_demo_data(topology, work, events, seed=RELAY_SEEDS[0])
+        rows = _relay_to_kafka(topology, relay_url, limit)
+        import_demo_data(topology, work, events, seed=RELAY_SEEDS[1])
+        published, seconds = asyncio.run(_drain_to(relay_url, None, limit))
+        rows.append(_throughput("relay: outbox -> in-process bus (baseline)", published, seconds))
+    finally:
+        relay_process.start(120.0)
     return rows
 
 
@@ -381,8 +512,10 @@ def run(options: argparse.Namespace) -> StreamBenchReport:
                 timeout=options.timeout,
             )
         )
-        print(f"[streams bench] relay throughput: {options.events} outbox rows", flush=True)
-        report.throughput.extend(measure_relay(topology, options.events))
+        print(f"[streams bench] Kafka floor: {options.writes} round trips", flush=True)
+        report.latency.append(measure_kafka_floor(topology.kafka_bootstrap, options.writes))
+        print(f"[streams bench] relay throughput: at least {options.events} outbox rows, twice", flush=True)
+        report.throughput.extend(measure_relay(topology, work, options.events))
     report.load_after = [round(x, 2) for x in os.getloadavg()]
     return report
 
@@ -393,7 +526,8 @@ def _cell(value: float | int | None, digits: int = 2) -> str:
 
 def format_table(report: StreamBenchReport) -> str:
     lines = [
-        f"UniHealth streams bench: {report.writes} sequential writes per edge, {report.events} outbox rows; "
+        f"UniHealth streams bench: {report.writes} sequential writes per edge, "
+        f">= {report.events} outbox rows per drain; "
         f"{os.cpu_count()} CPUs, load average {report.load_before} before / {report.load_after} after",
         "",
         f"{'write -> invalidated summary':<22} {'path':<58} {'writes':>6} {'done':>5} "
