@@ -462,6 +462,20 @@ def test_strings_are_normalized_and_exact() -> None:
     assert X.normalize("STRASSE ß Ǆ Øre") == "strasse ss dz øre"  # Ø has no decomposition
 
 
+def test_normalize_ascii_fast_path_equals_the_unicode_path() -> None:
+    """ASCII text skips NFKD and the combining-mark walk; the result must be the same."""
+    import unicodedata
+
+    def slow(text: str) -> str:
+        return "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c)).casefold()
+
+    samples = ["", "Smith", "O'BRIEN-Jones", "  Mixed Case 123 \t\n", "a_b|c~d{}", "".join(map(chr, range(128)))]
+    for text in samples:
+        assert text.isascii() and X.normalize(text) == slow(text)
+    for text in ("Zoë", "ﬁle", "Ǆ", "Ω", "e\u0301"):  # non-ASCII still takes the Unicode path
+        assert X.normalize(text) == slow(text)
+
+
 def test_uris() -> None:
     event = {"resourceType": "AuditEvent", "meta": {"source": "urn:src"}, "agent": [{"policy": ["http://x/p|1"]}]}
     assert _values(event, "_source") == (UriValue("urn:src"),)

@@ -319,6 +319,10 @@ def reference_type(value: Any) -> str | None:
 
 def normalize(text: str) -> str:
     """The case- and accent-insensitive form of ``text`` used by string search."""
+    if text.isascii():
+        # NFKD leaves ASCII unchanged and it has no combining marks: the same result, without the
+        # per-character walk (the write path normalizes every string of every resource)
+        return text.casefold()
     decomposed = unicodedata.normalize("NFKD", text)
     return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
 
