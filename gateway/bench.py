@@ -92,8 +92,10 @@ from .processes import (
     http_request,
     last_line,
     log,
+    metric_sum,
     python_module,
     run_logged,
+    scrape,
     sigterm_as_interrupt,
     start_script_service,
     tail,
@@ -513,29 +515,21 @@ def run_k6(
     return {**parse_summary(summary), "k6_exit": status}
 
 
-_CACHE_LINE: Final = re.compile(
-    r'^unihealth_cache_requests_total\{(?=[^}]*cache="(summary|graphql)")(?=[^}]*result="(hit|miss)")[^}]*\}\s+(\S+)$',
-    re.MULTILINE,
-)
-
-
 def cache_lookups(base: str) -> tuple[float, float] | None:
     """(hits, misses) of the edge's summary and GraphQL response caches so far, read from its
     ``/metrics``; ``None`` when the edge serves no metrics (``UNIHEALTH_METRICS`` off) or cannot be
     reached. The counters are cumulative: a scenario's share is the difference around it."""
-    try:
-        status, body = http_get(f"{base}/metrics", {}, timeout=10)
-    except OSError:
+    page = scrape(f"{base}/metrics")
+    if page is None:
         return None
-    if status != 200:
-        return None
-    hits = misses = 0.0
-    for _cache, result, value in _CACHE_LINE.findall(body.decode("utf-8", "replace")):
-        if result == "hit":
-            hits += float(value)
-        else:
-            misses += float(value)
-    return hits, misses
+
+    def count(result: str) -> float:
+        return sum(
+            metric_sum(page, "unihealth_cache_requests_total", cache=c, result=result) or 0.0
+            for c in ("summary", "graphql")
+        )
+
+    return count("hit"), count("miss")
 
 
 def hit_pct(before: tuple[float, float] | None, after: tuple[float, float] | None) -> float | None:

@@ -147,6 +147,29 @@ def http_request(url: str, headers: dict[str, str], body: bytes | None, timeout:
         return int(exc.code), exc.read()
 
 
+def scrape(url: str) -> str | None:
+    """The Prometheus text page at ``url``; None when it cannot be read (not 200, or unreachable)."""
+    try:
+        status, body = http_get(url, {}, timeout=10)
+    except OSError:
+        return None
+    return body.decode("utf-8", "replace") if status == 200 else None
+
+
+def metric_sum(page: str | None, name: str, **labels: str) -> float | None:
+    """The sum of metric ``name``'s samples on ``page`` (a :func:`scrape`) whose labels include
+    every ``label="value"`` given; None when there are none. Label values must not hold commas
+    (ours: names, codes and route templates)."""
+    wanted = {f'{k}="{v}"' for k, v in labels.items()}
+    total: float | None = None
+    for line in (page or "").splitlines():
+        sample, _, value = line.rpartition(" ")
+        metric, _, label_block = sample.partition("{")
+        if metric == name and wanted <= set(label_block.rstrip("}").split(",")):
+            total = (total or 0.0) + float(value)
+    return total
+
+
 class Server:
     """A long-running child that answers ``GET health`` (default ``http://127.0.0.1:PORT/healthz``)."""
 

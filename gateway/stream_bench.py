@@ -48,7 +48,17 @@ from typing import TYPE_CHECKING, Any, Final
 import httpx
 import redis
 
-from .processes import ProcessError, Server, free_port, last_line, python_module, run_logged, tail
+from .processes import (
+    ProcessError,
+    Server,
+    free_port,
+    last_line,
+    metric_sum,
+    python_module,
+    run_logged,
+    scrape,
+    tail,
+)
 from .topology import Topology, TopologyOptions
 
 if TYPE_CHECKING:
@@ -306,18 +316,6 @@ def measure_kafka_floor(bootstrap: str, count: int, timeout: float = 10.0) -> La
 # --------------------------------------------------------------------------- relay throughput
 
 
-def _metric(url: str, name: str, labels: str = "") -> float | None:
-    """The sum of ``name``'s samples on a Prometheus text page, only those labelled exactly
-    ``labels`` (``agent="invalidate"``) if given; None: not there or unreachable."""
-    try:
-        page = httpx.get(url, timeout=5).text
-    except httpx.HTTPError:
-        return None
-    prefixes = (f"{name}{{{labels}}} ",) if labels else (name + " ", name + "{")
-    values = [float(line.rsplit(" ", 1)[1]) for line in page.splitlines() if line.startswith(prefixes)]
-    return sum(values) if values else None
-
-
 def _wait_for(read: Callable[[], float | None], done: Callable[[float], bool], began: float, limit: float) -> float:
     """Poll ``read`` every 20 ms until ``done`` holds for it; seconds since ``began`` (or raise)."""
     while True:
@@ -391,7 +389,7 @@ def _relay_to_kafka(topology: Topology, relay_url: str, limit: float) -> list[Th
     worker_metrics = topology.servers["worker"].health.replace("/healthz", "/metrics")
 
     def invalidated() -> float | None:
-        return _metric(worker_metrics, WORKER_PROCESSED, 'agent="invalidate"')
+        return metric_sum(scrape(worker_metrics), WORKER_PROCESSED, agent="invalidate")
 
     before = invalidated() or 0.0
     began = time.perf_counter()
@@ -417,7 +415,12 @@ def measure_relay(topology: Topology, work: Path, events: int, limit: float = 60
 
     relay_process = topology.servers["relay"]
     relay_metrics = relay_process.health.replace("/healthz", "/metrics")
-    _wait_for(lambda: _metric(relay_metrics, "unihealth_outbox_unpublished"), lambda v: v == 0, time.perf_counter(), 60)
+    _wait_for(
+        lambda: metric_sum(scrape(relay_metrics), "unihealth_outbox_unpublished"),
+        lambda v: v == 0,
+        time.perf_counter(),
+        60,
+    )
     relay_url = relay_database_url(load_settings(topology.service_env["relay"]))
     relay_process.stop()
     try:
