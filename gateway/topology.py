@@ -528,8 +528,10 @@ def _drop_logins(owner_url: str, logins: list[str]) -> None:
     """Best effort (cleanup must not mask the run's outcome): drop this run's login roles."""
     import asyncpg
 
+    from subgraphs.store.database import libpq_dsn
+
     async def drop() -> None:
-        conn = await asyncpg.connect(owner_url.replace("postgresql+asyncpg://", "postgresql://", 1), timeout=15)
+        conn = await asyncpg.connect(libpq_dsn(owner_url), timeout=15)
         try:
             for login in logins:
                 await conn.execute(f'DROP ROLE IF EXISTS "{login}"', timeout=30)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select
 
-from subgraphs.store.database import Database, open_database
+from subgraphs.store.database import Database, libpq_dsn, open_database
 from subgraphs.store.dates import as_utc
 from subgraphs.store.schema import outbox
 from subgraphs.store.writes import OUTBOX_CHANNEL
@@ -191,9 +191,8 @@ async def listen_for_commits(url: str, relay: Relay) -> Callable[[], Awaitable[N
         return None
     import asyncpg
 
-    dsn = url.replace("postgresql+asyncpg://", "postgresql://", 1)
     try:
-        conn = await asyncpg.connect(dsn)
+        conn = await asyncpg.connect(libpq_dsn(url))
         await conn.add_listener(OUTBOX_CHANNEL, lambda *_: relay.wake())
     except (OSError, asyncpg.PostgresError) as exc:
         log.warning("relay: cannot LISTEN for commits (%r); polling only", exc)

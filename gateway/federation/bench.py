@@ -200,7 +200,9 @@ async def _runtime_url(owner_url: str) -> str:
     """A login role in ``unihealth_app`` (neither superuser nor owner): row-level security applies."""
     import asyncpg
 
-    conn = await asyncpg.connect(owner_url.replace("postgresql+asyncpg://", "postgresql://"))
+    from subgraphs.store.database import libpq_dsn
+
+    conn = await asyncpg.connect(libpq_dsn(owner_url))
     try:
         for role, attrs in (("unihealth_app", "NOLOGIN"), ("unihealth_relay", "NOLOGIN"), (RUNTIME_ROLE, "LOGIN")):
             if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role):

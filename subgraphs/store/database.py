@@ -60,6 +60,12 @@ class Database(Protocol):
     async def dispose(self) -> None: ...
 
 
+def libpq_dsn(url: str) -> str:
+    """A SQLAlchemy ``postgresql+asyncpg://`` URL as the plain ``postgresql://`` DSN asyncpg and
+    libpq take (other URLs unchanged)."""
+    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
 def open_database(
     url: str, *, pool_size: int = 10, migration_url: str = "", keyring: Keyring | None = None
 ) -> Database:
