@@ -26,8 +26,10 @@ Contract:
 * Response cache: with ``cache_ttl`` > 0 (``UNIHEALTH_GRAPHQL_CACHE_TTL``, default 60 s; an explicit
   :class:`FederationSettings` has none unless it says so) and the edge's backends at hand,
   :meth:`GraphQLEdge.start` gives the gateway a :class:`~gateway.graphql_cache.GraphQLCache` over
-  ``backends.cache`` (single-patient answers; see that module). A gateway without backends (HTTP
-  subgraphs in a process of its own) cannot verify callers or write access records, so it has none.
+  ``backends.cache`` (single-patient answers; see that module), which is also its entity cache
+  (per-patient ``_entities`` answers, e.g. each ward patient's vitals and medications). A gateway
+  without backends (HTTP subgraphs in a process of its own) cannot verify callers or write access
+  records, so it has neither.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from starlette.routing import BaseRoute, Route
 from subgraphs.store import fhirjson
 
 from .federation.composition import compose
+from .federation.executor import EntityCache
 from .federation.gateway import FederatedGateway, GatewayConfig, GraphQLRequest, ResponseCache
 from .federation.supergraph import CompositionError, Supergraph, load_supergraph
 from .federation.transport import Forwarded, HttpTransport, InProcessTransport, Transport, in_process_schemas
@@ -131,7 +134,11 @@ async def fetch_sdls(urls: dict[str, str], seconds: float) -> dict[str, str]:
 
 
 async def build_gateway(
-    config: FederationSettings, backends: Backends | None, *, cache: ResponseCache | None = None
+    config: FederationSettings,
+    backends: Backends | None,
+    *,
+    cache: ResponseCache | None = None,
+    entity_cache: EntityCache | None = None,
 ) -> FederatedGateway:
     """The gateway ``config`` describes (see the module contract); I/O: the supergraph file or the
     subgraphs' SDLs over HTTP."""
@@ -156,7 +163,7 @@ async def build_gateway(
             raise CompositionError(f"the supergraph names subgraphs this process does not serve: {sorted(unknown)}")
         transport = InProcessTransport(schemas, backends)
     gateway_config = GatewayConfig(max_depth=config.max_depth, max_cost=config.max_cost)
-    return FederatedGateway(supergraph, transport, gateway_config, cache=cache)
+    return FederatedGateway(supergraph, transport, gateway_config, cache=cache, entity_cache=entity_cache)
 
 
 def _read(path: str) -> str:
@@ -202,7 +209,9 @@ class GraphQLEdge:
 
                     self.cache = GraphQLCache(backends, self.config.cache_ttl)
                 try:
-                    self.gateway = await build_gateway(self.config, backends, cache=self.cache)
+                    self.gateway = await build_gateway(
+                        self.config, backends, cache=self.cache, entity_cache=_entity_cache(self.cache)
+                    )
                 except CompositionError as exc:
                     if not getattr(exc, "unreachable", False):
                         raise
@@ -303,10 +312,13 @@ def mount_graphql(
     return edge
 
 
-def create_gateway_app(settings: Settings, *, config: FederationSettings | None = None) -> Any:
+def create_gateway_app(
+    settings: Settings, *, config: FederationSettings | None = None, open_store: bool | None = None
+) -> Any:
     """A Starlette app serving only ``/graphql`` (and ``/healthz``): the gateway as its own process.
     With in-process subgraphs it opens the backends of ``settings`` in its lifespan; over HTTP it
-    opens none. Nothing is opened when called."""
+    opens none unless ``open_store`` (then, as the edge does, it verifies callers, writes access
+    records and has the response and entity cache). Nothing is opened when called."""
     from collections.abc import AsyncIterator
     from contextlib import asynccontextmanager
 
@@ -323,7 +335,8 @@ def create_gateway_app(settings: Settings, *, config: FederationSettings | None 
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        backends = None if edge.config.over_http else await open_backends(settings)
+        wanted = not edge.config.over_http if open_store is None else open_store
+        backends = await open_backends(settings) if wanted else None
         app.state.backends = backends
         try:
             await edge.start(backends)
@@ -334,3 +347,10 @@ def create_gateway_app(settings: Settings, *, config: FederationSettings | None 
                 await backends.close()
 
     return Starlette(routes=[*routes, Route("/healthz", healthz, methods=["GET"])], lifespan=lifespan)
+
+
+def _entity_cache(cache: ResponseCache | None) -> EntityCache | None:
+    """The response cache as the executor's entity cache too, when it is one (the edge's is)."""
+    from .graphql_cache import GraphQLCache
+
+    return cache if isinstance(cache, GraphQLCache) else None

@@ -28,13 +28,32 @@ Contract of :class:`GraphQLCache` (a :class:`~gateway.federation.gateway.Respons
   written, the request is not served from cache (it goes through, and the subgraphs audit it).
 * Cache failures (Redis down or slow) never fail a request: they are logged and the request goes
   through uncached.
+
+It is also the gateway's entity cache (:class:`~gateway.federation.executor.EntityCache`), which
+makes operations over many patients (a ward page) cheap without caching their membership:
+
+* What: the ``_entities`` answers of fetches on ``Patient`` whose selection reaches only that
+  patient's compartment, by the same rules as above (:func:`entity_cacheable`) — e.g. each ward
+  patient's ``latestVitals`` and ``medicationRequests``. Root fields (which patients are on the
+  page) are never cached: the subgraph that owns them is always asked.
+* Key: ``facility|graphql|<patient>|<access level>|e|<digest>``, the digest the sha256 of the
+  subgraph, the printed selection, the values of the variables it uses and the representation; so
+  the invalidation of the patient's prefix drops them with the patient's whole answers. Looked up
+  once per plan level for all its representations (one ``MGET``), stored with the generation read
+  at lookup, before the subgraph was asked (one pipelined round trip), only from answers without
+  ``errors``; ``null`` entities are not stored.
+* Served: before cached entities are returned, the edge writes one access record for the level —
+  interaction ``graphql``, the caller, the operation text, request id, and every patient whose
+  entities came from the cache. If it cannot be written, nothing is served from the cache.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -46,8 +65,10 @@ from subgraphs.store.params import PARAM_BY_NAME, PATIENT_PARAM
 from subgraphs.store.validation import SUPPORTED_TYPES
 
 from .context import check_facility
+from .federation.executor import CachedEntities, EntityBatch
 from .federation.gateway import PreparedOperation
 from .federation.operation import Field, Operation, Selection
+from .federation.planner import Fetch, PlanFragment, PlanItem
 from .federation.transport import Forwarded
 from .security.audit import AccessAudit
 from .security.policy import access_level, policy_for
@@ -99,6 +120,28 @@ def _only_compartment(selections: list[Selection]) -> bool:
     return True
 
 
+def entity_cacheable(fetch: Fetch) -> bool:
+    """True if ``fetch`` is an ``_entities`` fetch on Patient whose selection reads only that
+    patient's compartment (module contract)."""
+    return fetch.type_name == "Patient" and _items_only_compartment(fetch.items, "Patient")
+
+
+def _items_only_compartment(items: list[PlanItem], parent: str) -> bool:
+    for item in items:
+        if isinstance(item, PlanFragment):
+            if not _items_only_compartment(item.children, item.type_condition):
+                return False
+            continue
+        named = item.named
+        if named in NEVER_CACHED:
+            return False
+        if named in SUPPORTED_TYPES and (parent != "Patient" or not in_patient_view(named)):
+            return False
+        if item.children is not None and not _items_only_compartment(item.children, named):
+            return False
+    return True
+
+
 class GraphQLCache:
     """See the module contract. ``backends`` gives the cache, the token verifier and the audit writer."""
 
@@ -111,6 +154,9 @@ class GraphQLCache:
         self._shapes: OrderedDict[int, tuple[Operation, bool]] = OrderedDict()  # id(operation) -> cacheable
         self.hits = 0
         self.stores = 0
+        self.entity_hits = 0
+        self.entity_stores = 0
+        self._entity_shapes: OrderedDict[int, tuple[Fetch, bool]] = OrderedDict()  # id(fetch) -> cacheable
 
     # ------------------------------------------------------------------ who and what
     def _caller(self, forwarded: Forwarded) -> tuple[str, Principal, str] | None:
@@ -141,6 +187,15 @@ class GraphQLCache:
             self._shapes[id(operation)] = found
             while len(self._shapes) > 1000:
                 self._shapes.popitem(last=False)
+        return found[1]
+
+    def _entity_cacheable(self, fetch: Fetch) -> bool:
+        found = self._entity_shapes.get(id(fetch))
+        if found is None or found[0] is not fetch:  # fetches live in cached plans
+            found = (fetch, entity_cacheable(fetch))
+            self._entity_shapes[id(fetch)] = found
+            while len(self._entity_shapes) > 1000:
+                self._entity_shapes.popitem(last=False)
         return found[1]
 
     def _key(self, prepared: PreparedOperation, forwarded: Forwarded) -> tuple[str, str, Principal] | None:
@@ -194,6 +249,80 @@ class GraphQLCache:
             log.warning("GraphQL cache unavailable; answer not stored", exc_info=True)
             return
         self.stores += stored
+
+    # ------------------------------------------------------------------ the entity hook
+    async def lookup_entities(
+        self, batches: Sequence[EntityBatch], variables: Mapping[str, Any], forwarded: Forwarded, query: str
+    ) -> CachedEntities | None:
+        """Cached entities of the cacheable batches (after recording their access), with tickets
+        for the misses; None when nothing here is cacheable or the cache failed."""
+        if not any(self._entity_cacheable(b.fetch) for b in batches):
+            return None
+        caller = self._caller(forwarded)
+        if caller is None:
+            return None
+        facility, principal, level = caller
+        keys: list[tuple[int, int, str, str]] = []  # (batch, representation, key, prefix)
+        for b, batch in enumerate(batches):
+            if not self._entity_cacheable(batch.fetch):
+                continue
+            fetch = batch.fetch
+            used = {name: variables.get(name) for name in sorted(fetch.variables)}
+            shape = fhirjson.dumps([fetch.subgraph, fetch.type_name, fetch.selection, used])
+            for n, representation in enumerate(batch.representations):
+                patient = representation.get("id")
+                if not isinstance(patient, str) or not _FHIR_ID.match(patient):
+                    continue
+                digest = hashlib.sha256(shape + fhirjson.dumps(representation)).hexdigest()
+                prefix = graphql_prefix(facility, patient)
+                keys.append((b, n, f"{prefix}{level}|e|{digest}", prefix))
+        if not keys:
+            return None
+        entities: list[list[dict[str, Any] | None]] = [[None] * len(b.representations) for b in batches]
+        tickets: list[list[Any]] = [[None] * len(b.representations) for b in batches]
+        cache = self.backends.cache
+        try:
+            values = await cache.get_many([k for _, _, k, _ in keys])
+            misses = [(b, n, k, p) for (b, n, k, p), v in zip(keys, values, strict=True) if v is None]
+            prefixes = sorted({p for _, _, _, p in misses})
+            generations = dict(zip(prefixes, await cache.generations(prefixes), strict=True))
+        except Exception:
+            log.warning("GraphQL entity cache unavailable; asking the subgraphs", exc_info=True)
+            return None
+        served: set[str] = set()
+        for (b, n, _, prefix), value in zip(keys, values, strict=True):
+            if value is not None:
+                entities[b][n] = fhirjson.loads(value)
+                served.add(prefix.split("|")[2])
+        for b, n, key, prefix in misses:
+            tickets[b][n] = (key, prefix, generations[prefix])
+        if served:
+            audit = AccessAudit(
+                interaction="graphql",
+                facility=facility,
+                principal=principal,
+                query=query[:AUDITED_QUERY_CHARS],
+                client=forwarded.client,
+                request_id=forwarded.headers.get("x-request-id", ""),
+                status=200,
+                patients=served,
+            )
+            try:
+                await self.backends.record_access(audit)
+            except Exception:
+                log.warning("could not record the access of cached entities; asking the subgraphs", exc_info=True)
+                return None
+            self.entity_hits += sum(1 for row in entities for e in row if e is not None)
+        return CachedEntities(entities, tickets)
+
+    async def store_entities(self, offered: Sequence[tuple[Any, dict[str, Any]]], forwarded: Forwarded) -> None:
+        """Store the answered entities under their tickets (if their generation is still current).
+        Serializes before its first await: the executor goes on merging into those objects."""
+        items = [(key, fhirjson.dumps(entity), prefix, generation) for (key, prefix, generation), entity in offered]
+        try:
+            self.entity_stores += await self.backends.cache.set_many_if_current(items, self.ttl)
+        except Exception:
+            log.warning("GraphQL entity cache unavailable; entities not stored", exc_info=True)
 
     def _audit(
         self, operation: PreparedOperation, forwarded: Forwarded, principal: Principal, prefix: str

@@ -57,20 +57,36 @@ from __future__ import annotations
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 SEP = "|"
+Conditional = tuple[str, bytes, str, str]
+"""(key, value, prefix, generation) for :meth:`Cache.set_many_if_current`."""
 GENERATION_TTL = 3600.0  # seconds a generation outlives its last read (far longer than any computation)
 
 
 class Cache(Protocol):
     async def get(self, key: str) -> bytes | None: ...
 
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """``get`` of each key, in order; the keys are of ONE facility (Redis: one round trip)."""
+        ...
+
     async def set(self, key: str, value: bytes, ttl: float) -> None: ...
 
     async def generation(self, prefix: str) -> str: ...
 
     async def set_if_current(self, key: str, value: bytes, ttl: float, prefix: str, generation: str) -> bool: ...
+
+    async def generations(self, prefixes: Sequence[str]) -> list[str]:
+        """``generation`` of each prefix, in order; prefixes of ONE facility (Redis: one round trip)."""
+        ...
+
+    async def set_many_if_current(self, items: Sequence[Conditional], ttl: float) -> int:
+        """``set_if_current`` of each (key, value, prefix, generation), keys of ONE facility; returns
+        how many were stored (Redis: one round trip, each item atomic on its own)."""
+        ...
 
     async def delete(self, *keys: str) -> int: ...
 
@@ -143,6 +159,15 @@ class MemoryCache:
             return None
         self._entries.move_to_end(key)
         return entry[1]
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        return [await self.get(k) for k in keys]
+
+    async def generations(self, prefixes: Sequence[str]) -> list[str]:
+        return [await self.generation(p) for p in prefixes]
+
+    async def set_many_if_current(self, items: Sequence[Conditional], ttl: float) -> int:
+        return sum([await self.set_if_current(k, v, ttl, p, g) for k, v, p, g in items])
 
     async def set(self, key: str, value: bytes, ttl: float) -> None:
         check_key(key)
@@ -237,6 +262,22 @@ end
 return token
 """
 
+_GENERATIONS = """
+local out = {}
+local millis = ARGV[#KEYS + 1]
+for i = 1, #KEYS do
+  local token = redis.call('GET', KEYS[i])
+  if not token then
+    token = ARGV[i]
+    redis.call('SET', KEYS[i], token, 'PX', millis)
+  else
+    redis.call('PEXPIRE', KEYS[i], millis)
+  end
+  out[i] = token
+end
+return out
+"""
+
 _DELETE_TAG = """
 redis.call('UNLINK', KEYS[2])
 local members = redis.call('SMEMBERS', KEYS[1])
@@ -265,6 +306,7 @@ class RedisCache:
         self._delete_tag = client.register_script(_DELETE_TAG)
         self._set_if_current = client.register_script(_SET_IF_CURRENT)
         self._generation = client.register_script(_GENERATION)
+        self._generations = client.register_script(_GENERATIONS)
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float = 5.0, namespace: str = "uh:") -> RedisCache:
@@ -294,6 +336,36 @@ class RedisCache:
         millis = max(1, int(_check_ttl(ttl) * 1000))
         keys = [self._entry(key), *(self._tag(p) for p in ancestors(key))]
         await self._set(keys=keys, args=[bytes(value), millis])
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """One ``MGET`` (one facility: one hash tag, one Redis Cluster slot)."""
+        if not keys:
+            return []
+        values = await self.client.mget([self._entry(k) for k in keys])
+        return [None if v is None else bytes(v) for v in values]
+
+    async def generations(self, prefixes: Sequence[str]) -> list[str]:
+        """Like :meth:`generation` for each prefix, in one script (one facility: one slot)."""
+        if not prefixes:
+            return []
+        keys = [self._generation_key(check_prefix(p)) for p in prefixes]
+        tokens = await self._generations(
+            keys=keys, args=[*(new_generation() for _ in keys), int(GENERATION_TTL * 1000)]
+        )
+        return [t.decode() if isinstance(t, bytes) else str(t) for t in tokens]
+
+    async def set_many_if_current(self, items: Sequence[Conditional], ttl: float) -> int:
+        """Each item as :meth:`set_if_current` does it, pipelined: one round trip."""
+        if not items:
+            return 0
+        millis = max(1, int(_check_ttl(ttl) * 1000))
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key, value, prefix, generation in items:
+                _check_scope(key, prefix)
+                keys = [self._entry(key), self._generation_key(prefix), *(self._tag(p) for p in ancestors(key))]
+                await self._set_if_current(keys=keys, args=[bytes(value), millis, generation], client=pipe)
+            results = await pipe.execute()
+        return sum(1 for r in results if r)
 
     async def generation(self, prefix: str) -> str:
         """The current generation token of ``prefix`` (a new one if it has none); one round trip."""

@@ -16,16 +16,22 @@ Contract of :meth:`Executor.run`:
 * a subgraph that cannot be asked (:class:`SubgraphUnavailable`) or answers malformed data adds
   one error without a path (``SUBREQUEST_HTTP_ERROR`` / ``SUBREQUEST_MALFORMED_RESPONSE``) and the
   plan goes on: what it would have answered stays missing, and response shaping turns that
-  into ``null`` (partial data), never an exception.
+  into ``null`` (partial data), never an exception;
+* entity cache (:class:`EntityCache`, none by default): before a level's requests are sent, the
+  cache is asked ONCE for every representation of every entity fetch of that level; entities it
+  returns are merged as if a subgraph had answered them and their representations are not sent
+  (a subgraph whose representations were all found gets no request). After a request whose answer
+  has no ``errors`` at all, the entities answered for the representations the cache asked to
+  fill (a non-None ticket) are offered to it; an answer with errors offers nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .planner import Fetch, QueryPlan, RepField
 from .transport import Forwarded, SubgraphResponse, SubgraphUnavailable, Transport, measured
@@ -52,12 +58,45 @@ class Outcome:
     requests: list[SentRequest] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class EntityBatch:
+    """The representations one entity fetch is about to send (what an :class:`EntityCache` sees)."""
+
+    fetch: Fetch
+    representations: Sequence[dict[str, Any]]
+
+
+@dataclass(slots=True)
+class CachedEntities:
+    """An :class:`EntityCache`'s answer for a level: per batch, per representation, the cached
+    entity (a fresh object the executor may merge and mutate) or None, and for a None the ticket
+    to offer the answered entity back with (None: do not offer it)."""
+
+    entities: list[list[dict[str, Any] | None]]
+    tickets: list[list[Any]]
+
+
+class EntityCache(Protocol):
+    """The hook for caching ``_entities`` answers per representation (the edge's is
+    :class:`gateway.graphql_cache.GraphQLCache`). Implementations decide which fetches they cache,
+    key by everything the answer depends on (the caller's facility and access level from
+    ``forwarded``, the subgraph, the selection, its variables, the representation), record the
+    access of what they serve before returning it, and never raise: a failure is a miss."""
+
+    async def lookup_entities(
+        self, batches: Sequence[EntityBatch], variables: Mapping[str, Any], forwarded: Forwarded, query: str
+    ) -> CachedEntities | None: ...
+
+    async def store_entities(self, offered: Sequence[tuple[Any, dict[str, Any]]], forwarded: Forwarded) -> None: ...
+
+
 @dataclass(slots=True)
 class _Prepared:
     fetch: Fetch
     objects: list[dict[str, Any]]
     paths: list[Path]
     representations: list[dict[str, Any]]
+    tickets: list[Any] | None = None  # the entity cache's, per representation
 
 
 _MISSING = object()
@@ -140,24 +179,32 @@ def gateway_error(message: str, code: str, subgraph: str) -> dict[str, Any]:
 
 
 class Executor:
-    def __init__(self, transport: Transport) -> None:
+    def __init__(self, transport: Transport, entity_cache: EntityCache | None = None) -> None:
         self.transport = transport
+        self.entity_cache = entity_cache
+        self.entities_from_cache = 0  # representations answered by the entity cache (tests, metrics)
 
-    async def run(self, plan: QueryPlan, variables: Mapping[str, Any], forwarded: Forwarded) -> Outcome:
-        """Execute ``plan`` with the client's (raw) ``variables``; see the module contract."""
+    async def run(
+        self, plan: QueryPlan, variables: Mapping[str, Any], forwarded: Forwarded, query: str = ""
+    ) -> Outcome:
+        """Execute ``plan`` with the client's (raw) ``variables``; ``query`` is the client's text
+        (for the access record of entities served from cache). See the module contract."""
         outcome = Outcome({})
         for level, fetches in enumerate(plan.levels):
             groups: dict[str, list[Fetch]] = {}
             for fetch in fetches:
                 groups.setdefault(fetch.subgraph, []).append(fetch)
             tasks = []
-            for subgraph, group in groups.items():
-                if level == 0:
+            if level == 0:
+                for group in groups.values():
                     tasks += [self._root(plan, f, variables, forwarded, outcome) for f in group]
-                else:
-                    prepared = self._prepare(group, outcome.data)
-                    if prepared:
-                        tasks.append(self._entities(plan, level, subgraph, prepared, variables, forwarded, outcome))
+            else:
+                prepared = {subgraph: self._prepare(group, outcome.data) for subgraph, group in groups.items()}
+                if self.entity_cache is not None:
+                    prepared = await self._from_cache(prepared, variables, forwarded, query)
+                for subgraph, items in prepared.items():
+                    if items:
+                        tasks.append(self._entities(plan, level, subgraph, items, variables, forwarded, outcome))
             if len(tasks) == 1:
                 await tasks[0]
             elif tasks:
@@ -221,6 +268,40 @@ class Executor:
             raw = error.get("path")
             outcome.errors.append(subgraph_error(error, fetch.subgraph, list(raw) if isinstance(raw, list) else None))
 
+    async def _from_cache(
+        self,
+        prepared: dict[str, list[_Prepared]],
+        variables: Mapping[str, Any],
+        forwarded: Forwarded,
+        query: str,
+    ) -> dict[str, list[_Prepared]]:
+        """Merge what the entity cache holds; what is left to send (with the cache's tickets)."""
+        assert self.entity_cache is not None
+        items = [item for group in prepared.values() for item in group]
+        if not items:
+            return prepared
+        cached = await self.entity_cache.lookup_entities(
+            [EntityBatch(i.fetch, i.representations) for i in items], variables, forwarded, query
+        )
+        if cached is None:
+            return prepared
+        left: dict[str, list[_Prepared]] = {}
+        for item, entities, tickets in zip(items, cached.entities, cached.tickets, strict=True):
+            rest = _Prepared(item.fetch, [], [], [], [])
+            for n, entity in enumerate(entities):
+                if entity is not None:
+                    deep_merge(item.objects[n], entity)
+                    self.entities_from_cache += 1
+                else:
+                    rest.objects.append(item.objects[n])
+                    rest.paths.append(item.paths[n])
+                    rest.representations.append(item.representations[n])
+                    assert rest.tickets is not None
+                    rest.tickets.append(tickets[n])
+            if rest.representations:
+                left.setdefault(item.fetch.subgraph, []).append(rest)
+        return left
+
     def _prepare(self, group: list[Fetch], data: dict[str, Any]) -> list[_Prepared]:
         out = []
         for fetch in group:
@@ -272,6 +353,7 @@ class Executor:
         if answer is None:
             return
         data = answer.data or {}
+        offered: list[tuple[Any, dict[str, Any]]] = []
         for n, item in enumerate(prepared):
             entities = data.get(f"{RESERVED_VARIABLE_PREFIX}e{n}")
             if entities is None:
@@ -286,11 +368,15 @@ class Executor:
                     )
                 )
                 continue
-            for obj, entity in zip(item.objects, entities, strict=True):
+            for n, (obj, entity) in enumerate(zip(item.objects, entities, strict=True)):
                 if isinstance(entity, dict):
+                    if item.tickets is not None and item.tickets[n] is not None and not answer.errors:
+                        offered.append((item.tickets[n], entity))
                     deep_merge(obj, entity)
         for error in answer.errors:
             outcome.errors.append(subgraph_error(error, subgraph, self._error_path(error.get("path"), prepared)))
+        if offered and self.entity_cache is not None:
+            await self.entity_cache.store_entities(offered, forwarded)
 
     @staticmethod
     def _error_path(raw: Any, prepared: list[_Prepared]) -> Path | None:

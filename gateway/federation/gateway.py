@@ -15,7 +15,9 @@ Contract of :meth:`FederatedGateway.execute` (never raises for anything a client
 * parse and validation results are cached per query text (bounded LRU), so a repeated operation
   costs a dictionary lookup before execution;
 * the response-cache hook (:class:`ResponseCache`, none by default) is asked before execution and
-  offered every 200 response without errors after it; the gateway does not cache by itself.
+  offered every 200 response without errors after it; the entity-cache hook
+  (:class:`~gateway.federation.executor.EntityCache`, none by default) is the executor's, asked per
+  plan level; the gateway does not cache by itself.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from graphql import (
 )
 from graphql.execution.values import get_variable_values
 
-from .executor import RESERVED_VARIABLE_PREFIX, Executor, SentRequest
+from .executor import RESERVED_VARIABLE_PREFIX, EntityCache, Executor, SentRequest
 from .limits import LimitExceeded, check
 from .operation import Field, Operation, normalize, operation_variables
 from .planner import Planner, PlanningError, QueryPlan
@@ -160,13 +162,14 @@ class FederatedGateway:
         config: GatewayConfig | None = None,
         *,
         cache: ResponseCache | None = None,
+        entity_cache: EntityCache | None = None,
     ) -> None:
         self.supergraph = supergraph
         self.transport = transport
         self.config = config or GatewayConfig()
         self.cache = cache
         self.planner = Planner(supergraph)
-        self.executor = Executor(transport)
+        self.executor = Executor(transport, entity_cache)
         self._documents: _LRU[str, _Document] = _LRU(self.config.document_cache_size)
         self._plans: _LRU[Hashable, _Planned] = _LRU(self.config.plan_cache_size)
 
@@ -279,7 +282,7 @@ class FederatedGateway:
             if cached is not None:
                 return GatewayResponse(200, cached)
         try:
-            outcome = await self.executor.run(plan, raw, forwarded)
+            outcome = await self.executor.run(plan, raw, forwarded, request.query or "")
             data, completion = shape(
                 self.supergraph.api_schema,
                 plan.operation,

@@ -230,14 +230,18 @@ def gateway_process(
     subgraphs: Mapping[str, str] | None = None,
     timeout: float = 120,
     env: Mapping[str, str] | None = None,
+    open_store: bool = False,
 ) -> Iterator[str]:
     """This repository's gateway as its own process (HTTP subgraphs when ``subgraphs`` is given,
-    else in-process over ``settings``' store; ``env`` adds ``UNIHEALTH_*`` settings); yields its
-    /graphql URL."""
+    else in-process over ``settings``' store; ``env`` adds ``UNIHEALTH_*`` settings; ``open_store``
+    gives a gateway over HTTP subgraphs the store as the edge has it: caller checks, access records,
+    the response and entity cache); yields its /graphql URL."""
     port = free_port()
     args = [sys.executable, "-m", "gateway.federation.harness", "serve", "--port", str(port)]
     if subgraphs:
         args += ["--subgraphs", _pairs(subgraphs)]
+    if open_store:
+        args.append("--open-store")
     log = workdir / f"gateway-{port}.log"
     with _process(args, log, {**child_environment(settings), **(env or {})}) as proc:
         _wait_healthy(proc, f"http://127.0.0.1:{port}/healthz", log, timeout)
@@ -254,6 +258,7 @@ def _serve(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="gateway.federation.harness serve")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--subgraphs", default="")
+    parser.add_argument("--open-store", action="store_true", help="open the store over HTTP subgraphs too")
     args = parser.parse_args(argv)
     settings = load_settings()
     config = federation_settings(settings)
@@ -261,7 +266,7 @@ def _serve(argv: list[str]) -> None:
         from dataclasses import replace
 
         config = replace(config, subgraphs=parse_subgraphs(args.subgraphs))
-    app = create_gateway_app(settings, config=config)
+    app = create_gateway_app(settings, config=config, open_store=True if args.open_store else None)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
 
 

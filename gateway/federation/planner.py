@@ -42,6 +42,7 @@ class PlanField:
     name: str
     arguments: str  # printed, e.g. "(id: $id)", or ""
     children: list[PlanItem] | None = None
+    named: str = ""  # its named output type in the API schema ("" for internal key/requires fields)
 
 
 @dataclass(slots=True)
@@ -247,7 +248,7 @@ class _PlanState:
                 child_provided = None
             child_path = (*path, selection.key, *(["@"] * selection.lists))
             children = self.build(fetch, graph, selection.named, selection.selections, child_path, child_provided)
-        return PlanField(selection.key, selection.name, arguments, children)
+        return PlanField(selection.key, selection.name, arguments, children, selection.named)
 
     def _expand(
         self,
