@@ -14,7 +14,7 @@ Contract (prints, never asserts on speed; bounded to about two minutes with the 
    our gateway with in-process subgraphs over the same store (the embedded default), cache off and
    on — each a single process on the loopback;
 3. checks the answers: each operation is asked of every target once and the JSON answers
-   compared (numbers as numbers);
+   compared (numbers as numbers) — before the load and again after it (the caches warm then);
 4. runs each operation — a single-patient summary (random patient of the 30 per request) and the
    30-patient ward — against each target with ``--vus`` concurrent clients for ``--seconds``
    (after an unmeasured warm-up of 2 s at the same concurrency, which also fills the cache: with
@@ -308,14 +308,18 @@ def _run(seconds: int, vus: int, workdir: Path, owner_url: str | None) -> list[R
             "ours embedded, cache on": stack.enter_context(gateway_process(settings, workdir, env=CACHE_ON)),
         }
         operations = {"summary": (SUMMARY, ids[:30]), "ward": (WARD, [])}
-        for name, (query, op_ids) in operations.items():
-            answers = []
-            for url in targets.values():
-                variables = {"id": op_ids[0]} if op_ids else {}
-                answer = httpx.post(url, json={"query": query, "variables": variables}, headers=headers, timeout=60)
-                answers.append(_normalized(answer.json()))
-            equal = all(a == answers[0] for a in answers) and "errors" not in answers[0]
-            print(f"{name}: answers of all targets equal and without errors: {equal}", file=sys.stderr)
+
+        def compare(when: str) -> None:
+            for name, (query, op_ids) in operations.items():
+                answers = []
+                for url in targets.values():
+                    variables = {"id": op_ids[0]} if op_ids else {}
+                    answer = httpx.post(url, json={"query": query, "variables": variables}, headers=headers, timeout=60)
+                    answers.append(_normalized(answer.json()))
+                equal = all(a == answers[0] for a in answers) and "errors" not in answers[0]
+                print(f"{name} ({when}): answers of all targets equal and without errors: {equal}", file=sys.stderr)
+
+        compare("first request")
         for name, (query, op_ids) in operations.items():
             for target, url in targets.items():
                 for span in (WARMUP_SECONDS, seconds):  # a warm-up at full concurrency first, not kept
@@ -326,6 +330,7 @@ def _run(seconds: int, vus: int, workdir: Path, owner_url: str | None) -> list[R
                 row.target, row.operation = target, name
                 rows.append(row)
                 print(f"  {target} {name}: {row.rps:.1f} req/s", file=sys.stderr)
+        compare("after the load, caches warm")
     return rows
 
 
