@@ -316,3 +316,23 @@ async def test_smart_configuration(app: Starlette) -> None:
             doc = (await c.get(path)).json()
             assert doc["issuer"] == app.state.backends.settings.jwt_issuer
             assert {"permission-v2", "permission-v1", "permission-patient"} <= set(doc["capabilities"])
+
+
+def test_policies_and_access_levels_are_memoized_per_principal() -> None:
+    """Every request of one token derives the same policy object and computes its fingerprint once;
+    different claims never share one (the memo is keyed by the whole frozen principal)."""
+    from gateway.security.policy import _access_level, access_level, policy_for
+    from gateway.security.scopes import parse_scope
+    from gateway.security.tokens import Principal
+
+    def principal(*scopes: str, subject: str = "dr") -> Principal:
+        parsed = tuple(s for s in (parse_scope(t) for t in scopes) if s is not None)
+        return Principal(subject, ("clinician",), ("fac-001",), parsed)
+
+    wide = principal("user/*.rs")
+    assert policy_for(wide) is policy_for(principal("user/*.rs")), "equal claims: the same policy object"
+    labs = principal("user/Patient.rs", "user/Observation.rs?category=laboratory")
+    assert policy_for(labs) is not policy_for(wide)
+    assert access_level(policy_for(labs)) != access_level(policy_for(wide))
+    assert access_level(policy_for(wide)) == _access_level(policy_for(wide)), "the memo returns what it computes"
+    assert policy_for(principal("user/*.rs", subject="other")).label != policy_for(wide).label

@@ -10,12 +10,17 @@ scope makes the grant unconstrained. ``patient/`` scopes without a launch patien
 
 :func:`access_level` fingerprints a policy for cache keys: equal fingerprints, equal visibility (the
 REST summary cache and the GraphQL response cache both key on it).
+
+Both are pure and memoized (bounded LRUs, :data:`MEMO_SIZE` entries): a principal is a frozen value
+(the verified claims), so every request of one token gets the same policy object and its
+fingerprint is computed once. A principal whose scopes cannot be applied is not memoized (the 403
+is raised again each time).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from types import MappingProxyType
 
 from subgraphs.store.access import AccessPolicy, Criteria, Grant
@@ -36,7 +41,25 @@ def _compartment(resource_type: str, patient: str) -> Criteria:
     return ()
 
 
+MEMO_SIZE = 10_000
+_POLICIES: OrderedDict[Principal, AccessPolicy] = OrderedDict()
+_LEVELS: OrderedDict[int, tuple[AccessPolicy, str]] = OrderedDict()  # id(policy) -> (policy, level)
+
+
 def policy_for(principal: Principal) -> AccessPolicy:
+    """The access policy of ``principal`` (module contract); 403 when a scope cannot be applied."""
+    found = _POLICIES.get(principal)
+    if found is not None:
+        _POLICIES.move_to_end(principal)
+        return found
+    policy = _policy_for(principal)
+    _POLICIES[principal] = policy
+    while len(_POLICIES) > MEMO_SIZE:
+        _POLICIES.popitem(last=False)
+    return policy
+
+
+def _policy_for(principal: Principal) -> AccessPolicy:
     groups: dict[tuple[str, str], set[Criteria] | None] = defaultdict(set)
     for scope in principal.scopes:
         if scope.context == "patient" and not principal.patient:
@@ -71,5 +94,16 @@ def policy_for(principal: Principal) -> AccessPolicy:
 def access_level(policy: AccessPolicy) -> str:
     """A short fingerprint of what the caller may see (grants and their criteria): callers with equal
     fingerprints see equal data, so a cached view may be shared between them and no one else."""
+    found = _LEVELS.get(id(policy))
+    if found is not None and found[0] is policy:  # the entry keeps the policy alive: ids stay unique
+        return found[1]
+    level = _access_level(policy)
+    _LEVELS[id(policy)] = (policy, level)
+    while len(_LEVELS) > MEMO_SIZE:
+        _LEVELS.popitem(last=False)
+    return level
+
+
+def _access_level(policy: AccessPolicy) -> str:
     grants = sorted((k, v.groups) for k, v in policy.grants.items())
     return hashlib.sha256(repr((policy.everything, grants)).encode()).hexdigest()[:16]
