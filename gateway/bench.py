@@ -83,6 +83,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+from subgraphs.store.database import libpq_dsn
+
 from .processes import (
     ProcessError,
     Server,
@@ -601,7 +603,7 @@ _UNPUBLISHED: Final = "SELECT count(*) FROM outbox WHERE published_at IS NULL"
 
 def _asyncpg_dsn(url: str, database: str | None = None, user: str | None = None, password: str | None = None) -> str:
     """``url`` (SQLAlchemy or libpq form) as a libpq URL, optionally with another database or login."""
-    parts = urllib.parse.urlsplit(url.replace("postgresql+asyncpg://", "postgresql://", 1))
+    parts = urllib.parse.urlsplit(libpq_dsn(url))
     netloc = parts.netloc
     if user is not None:
         host = netloc.rsplit("@", 1)[-1]

@@ -56,6 +56,7 @@ from gateway import demo_data  # noqa: E402
 from gateway.backends import Backends, open_backends  # noqa: E402
 from gateway.importer import FACILITY_TAG_SYSTEM, import_file  # noqa: E402
 from gateway.settings import load_settings  # noqa: E402
+from subgraphs.store.database import libpq_dsn  # noqa: E402
 
 TABLES = (
     "resources",
@@ -94,7 +95,7 @@ def say(text: str) -> None:
 
 
 def _dsn(url: str) -> str:
-    return url.replace("postgresql+asyncpg://", "postgresql://")
+    return libpq_dsn(url)
 
 
 async def build(owner_url: str, rebuild: bool) -> None:

@@ -73,6 +73,7 @@ from gateway import demo_data  # noqa: E402
 from gateway.backends import Backends, open_backends  # noqa: E402
 from gateway.importer import import_file  # noqa: E402
 from gateway.settings import load_settings  # noqa: E402
+from subgraphs.store.database import libpq_dsn  # noqa: E402
 from subgraphs.store.search import parse_search  # noqa: E402
 
 SECRET = b"bench-secret-key-that-is-long-enough-0123456789"
@@ -191,7 +192,7 @@ def _stop_postgres(directory: str) -> None:
 async def _runtime_url(owner_url: str) -> str:
     import asyncpg
 
-    conn = await asyncpg.connect(owner_url.replace("postgresql+asyncpg://", "postgresql://"))
+    conn = await asyncpg.connect(libpq_dsn(owner_url))
     try:
         for role, attrs in (("unihealth_app", "NOLOGIN"), (RUNTIME_ROLE, "LOGIN NOSUPERUSER NOBYPASSRLS")):
             if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role):

@@ -19,7 +19,7 @@ from streams.bus import InProcessBus
 from streams.events import AUDIT_TOPIC, AuditRecord
 from streams.relay import Relay
 from streams.sealer import AuditSealer
-from subgraphs.store.database import Database
+from subgraphs.store.database import Database, libpq_dsn
 from subgraphs.store.schema import audit_log
 from tests.conftest import token_for
 from tests.helpers import assert_outcome, create, observation, patient
@@ -146,7 +146,7 @@ async def _tamper(app: Starlette, postgres: str | None, statement: Any) -> None:
     from sqlalchemy.dialects import postgresql
 
     compiled = statement.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True})
-    conn = await asyncpg.connect(postgres.replace("postgresql+asyncpg://", "postgresql://"))
+    conn = await asyncpg.connect(libpq_dsn(postgres))
     try:
         await conn.execute(str(compiled))
     finally:

@@ -28,6 +28,7 @@ import httpx
 import orjson
 import pytest
 
+from subgraphs.store.database import libpq_dsn
 from tests.conftest import token_for
 from tests.helpers import observation, patient
 from tests.live import free_port
@@ -84,7 +85,7 @@ async def _records_sqlite(url: str, facility: str) -> list[bytes]:
 
 
 async def _records_postgres(url: str, facility: str) -> list[bytes]:
-    conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
+    conn = await asyncpg.connect(libpq_dsn(url))
     try:  # the owner's connection (the test server's superuser): every facility's outbox
         rows = await conn.fetch("SELECT payload FROM outbox WHERE operation = 'audit' AND facility = $1", facility)
     finally:

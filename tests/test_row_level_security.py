@@ -6,12 +6,13 @@ import asyncpg
 import httpx
 import pytest
 
+from subgraphs.store.database import libpq_dsn
 from tests.conftest import RUNTIME_ROLE
 from tests.helpers import create, patient
 
 
 def _dsn(url: str) -> str:
-    return url.replace("postgresql+asyncpg://", "postgresql://")
+    return libpq_dsn(url)
 
 
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)  # about PostgreSQL only

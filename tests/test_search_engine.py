@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from subgraphs.store import fhirjson
+from subgraphs.store.database import libpq_dsn
 from tests.helpers import LOINC, assert_outcome, create, observation, patient
 
 UCUM = "http://unitsofmeasure.org"
@@ -864,7 +865,7 @@ async def test_new_index_tables_are_under_row_level_security(
     pid = (await create(client, patient()))["id"]
     await create(client, observation(pid))
     tables = ["idx_quantity", "idx_number", "idx_uri", "idx_composite"]
-    owner = await asyncpg.connect(postgres_url.replace("postgresql+asyncpg://", "postgresql://"))
+    owner = await asyncpg.connect(libpq_dsn(postgres_url))
     try:
         forced = await owner.fetch(
             "SELECT relname FROM pg_class WHERE relrowsecurity AND relforcerowsecurity AND relname = ANY($1)", tables
@@ -872,7 +873,7 @@ async def test_new_index_tables_are_under_row_level_security(
         assert sorted(r["relname"] for r in forced) == sorted(tables)
     finally:
         await owner.close()
-    conn = await asyncpg.connect(postgres_runtime_url.replace("postgresql+asyncpg://", "postgresql://"))
+    conn = await asyncpg.connect(libpq_dsn(postgres_runtime_url))
     try:
         for table in tables:
             assert await conn.fetchval(f"SELECT count(*) FROM {table}") == 0, f"{table} leaks without a facility"

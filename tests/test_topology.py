@@ -36,6 +36,7 @@ from gateway.topology import (
     topic_partitions,
 )
 from streams.events import topic_for
+from subgraphs.store.database import libpq_dsn
 from tests.helpers import observation, patient
 
 WAIT = 45.0  # bound on the eventual invalidation
@@ -108,7 +109,7 @@ def _database_users(owner_url: str) -> set[str]:
     import asyncpg
 
     async def users() -> set[str]:
-        conn = await asyncpg.connect(owner_url.replace("postgresql+asyncpg://", "postgresql://"), timeout=15)
+        conn = await asyncpg.connect(libpq_dsn(owner_url), timeout=15)
         try:
             rows = await conn.fetch(
                 "SELECT DISTINCT usename FROM pg_stat_activity"
