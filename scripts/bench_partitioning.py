@@ -34,14 +34,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import random
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,16 +76,8 @@ FACILITY_POLICY = "facility = current_setting('unihealth.facility', true)"
 WRITE_FACILITIES = {"plain": "fac-wplain", "part": "fac-wpart"}
 
 
-def _bench_search() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_search", ROOT / "scripts" / "bench_search.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_search", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-BS = _bench_search()
+# run as a script, its directory is on sys.path: the search bench is a plain import
+import bench_search as BS  # noqa: E402
 
 
 def say(text: str) -> None:
