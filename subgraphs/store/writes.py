@@ -1,10 +1,12 @@
 """The write pipeline: from changes to rows in resources, history, index and outbox.
 
 Contract: :func:`plan` turns changes plus the current versions into the rows to write — each body
-validated against its R5 model (400 otherwise), stored as the client's JSON with the server's id
-and meta, its search index extracted, and one outbox event per change (412 on a stale
-``if_match``). :func:`apply` writes a :class:`WritePlan` with batched statements inside the
-caller's transaction. Nothing here checks access; the repository does, before and after.
+validated against its R5 model (400 otherwise; skipped only when the caller passes ``validated``,
+having built the bodies itself: :meth:`~.repository.ResourceRepository.save_many`), stored as the
+client's JSON with the server's id and meta, its search index extracted, and one outbox event per
+change (412 on a stale ``if_match``). :func:`apply` writes a :class:`WritePlan` with batched
+statements inside the caller's transaction. Nothing here checks access; the repository does,
+before and after.
 """
 
 from __future__ import annotations
@@ -92,9 +94,12 @@ def plan(
     now: datetime,
     previous_patient: dict[tuple[str, str], str] | None = None,
     registry: Registry | None = None,
+    *,
+    validated: bool = False,
 ) -> WritePlan:
     """The rows for ``changes``; index rows extracted with ``registry`` (the facility's search
-    parameters, default: the process-wide official ones)."""
+    parameters, default: the process-wide official ones). With ``validated`` the bodies are not
+    validated again: the caller vouches that each is a valid R5 resource of its type."""
     out = WritePlan()
     for change in changes:
         prev = current.get((change.type, change.id))
@@ -109,7 +114,8 @@ def plan(
             patient = before
         if change.body is not None:
             doc = document(change.body, change.type, change.id, version, now)
-            validate(change.type, doc)
+            if not validated:
+                validate(change.type, doc)
             content = fhirjson.dumps(doc)
             for kind, rows in index_rows(doc, registry, resource_type=change.type).items():
                 for row in rows:
