@@ -40,7 +40,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import Select, TextualSelect, delete, select, text, update
+from sqlalchemy import Select, TextualSelect, bindparam, delete, select, text, update
 
 from subgraphs.store.database import Database, SqlConnection
 from subgraphs.store.dates import as_utc, instant
@@ -113,6 +113,14 @@ given statistics taken while the import's rows were still unpublished (``ANALYZE
 walks the whole table in ``seq`` order instead — every poll then reads every published row and
 its payload (2 ms at 3,000 rows, growing with the outbox; the relay polls 20 times a second and
 after every commit)."""
+
+
+_MARK = (
+    update(outbox)
+    .where(outbox.c.seq.in_(bindparam("seqs", expanding=True)), outbox.c.published_at.is_(None))
+    .values(published_at=bindparam("now", type_=outbox.c.published_at.type))
+)
+"""Marks rows published (built once: the relay runs it after every drain)."""
 
 
 class Relay:
@@ -276,11 +284,7 @@ class Relay:
         now = datetime.now(UTC)
         seqs = [r.seq for r in rows]
         for start in range(0, len(seqs), 1000):
-            await conn.execute(
-                update(outbox)
-                .where(outbox.c.seq.in_(seqs[start : start + 1000]), outbox.c.published_at.is_(None))
-                .values(published_at=now)
-            )
+            await conn.execute(_MARK, {"seqs": seqs[start : start + 1000], "now": now})
 
 
 async def wait_stopped(task: asyncio.Task[None], limit: float = 30.0) -> None:

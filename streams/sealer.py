@@ -5,6 +5,21 @@ record it, in ONE transaction of the record's facility, appends the record to th
 (:func:`streams.audit_chain.append`, once per ``event_id``) and stores the AuditEvent as a resource
 (id = ``event_id``, tagged ``urn:unihealth:audit|sealed``) so auditors can search it. A redelivered
 record changes nothing. The embedded in-process bus and the Kafka worker call the same handler.
+
+Trust (what is validated where):
+
+* ``AuditSealer(db)`` — the default, and what the Kafka worker (:mod:`streams.worker`) runs —
+  treats every record as untrusted input: each AuditEvent is validated against the full R5 model
+  (``fhir.resources``) before anything is written. An invalid one fails the handler, so nothing of
+  its batch is chained or stored; the worker's :class:`~streams.processing.Processor` retries it
+  and then dead-letters it. A broker carries whatever any producer wrote to the topic.
+* ``AuditSealer(db, trusted=True)`` — only for records the relay read from this store's own
+  outbox and handed over in process (:func:`streams.embedded.subscribe_embedded` with the
+  :class:`~streams.bus.InProcessBus`). Those AuditEvents were built by the server itself
+  (:func:`gateway.security.audit.audit_event`, :mod:`gateway.security.break_glass`), whose output
+  tests validate against the R5 model for hostile inputs (tests/test_audit.py), so the sealer
+  stores them without validating again (``save_many(validated=True)``). Everything else is the
+  same: chain, index, history and the AuditEvent's own change event.
 """
 
 from __future__ import annotations
@@ -27,8 +42,11 @@ _SEALER = AccessPolicy.unrestricted("audit sealer")
 
 
 class AuditSealer:
-    def __init__(self, db: Database) -> None:
+    """The handler (see the module docstring); ``trusted`` only for the in-process outbox path."""
+
+    def __init__(self, db: Database, *, trusted: bool = False) -> None:
         self.db = db
+        self.trusted = trusted
         self.sealed = 0
 
     async def __call__(self, record: AuditRecord) -> None:
@@ -58,7 +76,8 @@ class AuditSealer:
                     if new
                 ]
                 if changes:
-                    await ResourceRepository(self.db, conn, facility, _SEALER).save_many(changes)
+                    repository = ResourceRepository(self.db, conn, facility, _SEALER)
+                    await repository.save_many(changes, validated=self.trusted)
             self.sealed += len(changes)
 
 

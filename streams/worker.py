@@ -23,7 +23,9 @@ Contract:
   (:data:`subgraphs.store.validation.SUPPORTED_TYPES`), not by pattern: Faust's aiokafka driver does
   not support pattern subscriptions. Missing topics are created at start (``partitions``,
   ``replication``) so the subscription sees them.
-* Poison records go to ``unihealth.dead-letter``; the agent keeps going.
+* Poison records go to ``unihealth.dead-letter``; the agent keeps going. The audit agent's sealer
+  validates every AuditEvent it reads from Kafka against the R5 model (``AuditSealer(trusted=False)``,
+  :mod:`streams.sealer`): an invalid one is retried, dead-lettered and never chained or stored.
 * SIGTERM/SIGINT stop it gracefully (Faust's worker): offsets of finished records are committed,
   the database and cache are closed. Records still in flight are not waited for (Faust's
   ``stream_wait_empty`` is off, as the handlers are idempotent): they are redelivered.
@@ -142,7 +144,7 @@ def build_services(settings: Settings, options: WorkerOptions, publish: Any) -> 
     cache: Cache | None = None
     handlers: dict[str, Handler] = {}
     if "audit" in options.agents:
-        handlers["audit"] = AuditSealer(db)
+        handlers["audit"] = AuditSealer(db, trusted=False)  # a broker's records: validate every AuditEvent
     if "invalidate" in options.agents:
         if not options.cache_url:
             raise ValueError("the invalidate agent needs a cache: --cache-url redis://...")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -14,6 +15,9 @@ import pytest
 from sqlalchemy import delete, select, update
 from starlette.applications import Starlette
 
+from gateway.security.audit import UNREPRESENTABLE_SUBJECT, AccessAudit, audit_event
+from gateway.security.break_glass import Session, _override_event
+from gateway.security.tokens import Principal
 from streams import audit_chain
 from streams.bus import InProcessBus
 from streams.events import AUDIT_TOPIC, AuditRecord
@@ -21,6 +25,7 @@ from streams.relay import Relay
 from streams.sealer import AuditSealer
 from subgraphs.store.database import Database, libpq_dsn
 from subgraphs.store.schema import audit_log
+from subgraphs.store.validation import validate
 from tests.conftest import token_for
 from tests.helpers import assert_outcome, create, observation, patient
 
@@ -218,3 +223,58 @@ async def test_batches_are_sealed_in_order_once(app: Starlette, facility: str, o
     assert [e["code"]["text"] for e in await chain(app, facility)] == ["read 1", "read 3"]
     assert [e["code"]["text"] for e in await chain(app, other_facility)] == ["read 2"]
     assert (await audit_chain.verify(app.state.backends.db, facility)).ok
+
+
+def _principal(**overrides: Any) -> Principal:
+    fields: dict[str, Any] = {"subject": "u@f", "roles": ("clinician",), "facilities": ("f",), "scopes": ()}
+    return Principal(**{**fields, **overrides})
+
+
+HOSTILE_AUDITS = {
+    "unauthenticated": AccessAudit("read", None),
+    "everything set": AccessAudit(
+        "search-type",
+        "f",
+        _principal(purpose_of_use="TREAT"),
+        resource_type="Observation",
+        query="patient=p1&_count=5",
+        client="10.0.0.1",
+        request_id="r-1",
+        status=200,
+        patients={"p1", "p2"},
+    ),
+    "empty subject": AccessAudit("read", "f", _principal(subject="")),
+    "subject of exotic whitespace": AccessAudit("read", "f", _principal(subject="\u00a0\u2028")),
+    "subject with spaces inside": AccessAudit("read", "f", _principal(subject=" a  b ")),
+    "purpose with stray whitespace": AccessAudit("read", "f", _principal(purpose_of_use=" BTG  now\t")),
+    "blank purpose": AccessAudit("read", "f", _principal(purpose_of_use=" \u00a0")),
+    "blank request id and client": AccessAudit("read", "f", _principal(), request_id="\u00a0", client="\u2003"),
+    "odd interaction and id": AccessAudit("  weird   op ", "f", _principal(), resource_type="Patient", resource_id=" "),
+    "failure with control characters": AccessAudit("read", "f", _principal(), status=400, detail="\x00\x0b"),
+    "empty failure detail": AccessAudit("delete", "f", _principal(), status=500, detail=""),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_AUDITS))
+def test_access_records_are_valid_r5_whatever_the_request_held(name: str) -> None:
+    """The embedded sealer stores these without validating them again (streams/sealer.py,
+    ``trusted``): audit_event must produce a valid R5 AuditEvent for any token, header and URL."""
+    event = audit_event(HOSTILE_AUDITS[name], datetime.now(UTC))
+    validate("AuditEvent", event)  # raises FhirError (400) otherwise
+
+
+def test_an_unrepresentable_subject_is_said_so_not_dropped() -> None:
+    event = audit_event(AccessAudit("read", "f", _principal(subject="")), datetime.now(UTC))
+    assert event["agent"][0]["who"] == {"display": UNREPRESENTABLE_SUBJECT}
+    assert audit_event(AccessAudit("read", "f", _principal(subject=" a ")), datetime.now(UTC))["agent"][0]["who"] == {
+        "identifier": {"system": "urn:unihealth:subject", "value": " a "}
+    }
+
+
+@pytest.mark.parametrize("subject", ["clinician@f", "", "\u00a0"])
+def test_break_glass_records_are_valid_r5(subject: str) -> None:
+    now = datetime.now(UTC)
+    session = Session(
+        "f", "s-1", "p1", subject, "unconscious", now, now + timedelta(minutes=60), False, None, None, None
+    )
+    validate("AuditEvent", _override_event(session, "110127", "Emergency Override Started", now))

@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +30,19 @@ from sqlalchemy import select
 from starlette.applications import Starlette
 
 from gateway.app import create_app
+from gateway.security.audit import AccessAudit, audit_event
 from streams import audit_chain
-from streams.bus import InProcessBus, KafkaBus
+from streams.bus import InProcessBus, KafkaBus, Message
 from streams.cache import Cache, MemoryCache, RedisCache, ancestors
 from streams.embedded import subscribe_embedded
 from streams.events import AUDIT_TOPIC, TOPIC_PREFIX, AuditRecord, ChangeEvent, topic_for
 from streams.invalidation import CacheInvalidator, affected, graphql_prefix, resource_key, search_prefix, summary_key
 from streams.processing import DEAD_LETTER_TOPIC, DeadLetter, Processor, Record
 from streams.relay import Relay
-from streams.worker import CHANGE_TOPICS, ensure_topics
+from streams.worker import CHANGE_TOPICS, WorkerOptions, build_services, ensure_topics
+from subgraphs.store.access import AccessPolicy
 from subgraphs.store.database import Database
+from subgraphs.store.repository import ResourceRepository
 from subgraphs.store.schema import audit_log, outbox
 from tests.conftest import DEV_JWT_KEY, SECRET, token_for
 from tests.helpers import observation, patient
@@ -648,11 +652,58 @@ async def test_subscribe_embedded_wires_the_worker_handlers() -> None:
 
     agents = subscribe_embedded(bus, NoDatabase(), cache=cache)  # type: ignore[arg-type]
     assert agents.invalidator is not None
+    assert agents.sealer.trusted, "the in-process bus carries only this store's own outbox records"
+    kafka = KafkaBus("127.0.0.1:1")  # not started: nothing connects
+    assert not subscribe_embedded(kafka, NoDatabase()).sealer.trusted, "a broker's records are validated"  # type: ignore[arg-type]
     await cache.set("f|summary|p1", b"x", 30)
     event = change("f", "Observation", "o1", "p1")
     await bus.publish(event.topic, event.key, event.to_json())
     assert await cache.get("f|summary|p1") is None and agents.invalidator.events == 1
     assert bus.failures == []
+
+
+async def test_worker_audit_agent_validates_what_kafka_delivers(app: Starlette, facility: str) -> None:
+    """The Kafka path validates every AuditEvent (no broker needed: the worker's own audit
+    processor, wired by ``build_services``, fed raw records). One the R5 model rejects — bare, or
+    complete but with one wrong field — is retried, dead-lettered and never chained or stored;
+    a valid one is sealed. Fails if the worker's sealer skipped validation (``trusted``)."""
+    db: Database = app.state.backends.db
+    letters: list[Message] = []
+
+    async def publish(message: Message) -> None:
+        letters.append(message)
+
+    options = WorkerOptions(bootstrap="127.0.0.1:1", agents=frozenset({"audit"}), attempts=2)
+    services = build_services(app.state.backends.settings, options, publish)
+    try:
+        processor = services.processors["audit"]
+        processor.backoff = 0.001
+        now = datetime.now(UTC)
+        recorded = now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        good = audit_event(AccessAudit("read", facility, resource_type="Patient", resource_id="p1"), now)
+        subtly_bad = {**good, "agent": [{**good["agent"][0], "requestor": "maybe"}, *good["agent"][1:]]}
+        records = [
+            AuditRecord(str(uuid.uuid4()), facility, recorded, {"resourceType": "AuditEvent"}),
+            AuditRecord(str(uuid.uuid4()), facility, recorded, subtly_bad),
+            AuditRecord(str(uuid.uuid4()), facility, recorded, good),
+        ]
+        outcomes = [
+            await processor.process(Record(AUDIT_TOPIC, 0, n, facility.encode(), r.to_json()))
+            for n, r in enumerate(records)
+        ]
+        assert outcomes == ["dead-letter", "dead-letter", "ok"]
+        dead = [DeadLetter.from_json(m.value) for m in letters]
+        assert [(d.agent, d.attempts) for d in dead] == [("audit", 2), ("audit", 2)]
+        assert all("not a valid R5 AuditEvent" in d.error for d in dead), [d.error for d in dead]
+        assert await chained_ids(db, facility) == [records[2].event_id]
+        auditor = AccessPolicy.unrestricted("test")
+        async with db.transaction(write=False, facility=facility) as conn:
+            stored = await ResourceRepository(db, conn, facility, auditor).read_many(
+                "AuditEvent", [r.event_id for r in records]
+            )
+        assert [s.id for s in stored] == [records[2].event_id]
+    finally:
+        await services.close()
 
 
 def test_cli_parses_both_commands() -> None:

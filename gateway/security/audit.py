@@ -10,10 +10,16 @@ Contract:
   ``unihealth.audit`` and the sealer appends it to the facility's hash chain and stores it.
 * Reads and failures are persisted in their own transaction before the response is sent; a
   successful write persists its record in the write's own transaction (atomic with the change).
+* :func:`audit_event` always returns a valid R5 AuditEvent, whatever the token, headers and URL
+  held (values that are not a valid FHIR string or code are normalized or replaced, see
+  :func:`subject_agent`, :func:`fhir_code`). The embedded sealer relies on it: it stores these
+  events without validating them again (:mod:`streams.sealer`, ``trusted``), and
+  tests/test_audit.py validates the output for hostile inputs.
 """
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -70,6 +76,24 @@ class AccessAudit:
         self.patients |= repo.patients
 
 
+_FHIR_STRING = re.compile(r"[ \r\n\t\S]")
+"""A FHIR ``string`` must contain a character of this class (R5's regex; Python's ``\\S`` is the stricter)."""
+UNREPRESENTABLE_SUBJECT = "no valid subject in the token"
+
+
+def fhir_code(value: str) -> str | None:
+    """``value`` as a valid FHIR ``code`` (whitespace runs made one space, ends trimmed), None if empty."""
+    return " ".join(value.split()) or None
+
+
+def subject_agent(subject: str) -> dict[str, Any]:
+    """The ``who`` of an agent for a token subject: its identifier, or a display saying the token's
+    subject could not be represented (empty, or only exotic whitespace) — never an invalid string."""
+    if _FHIR_STRING.search(subject):
+        return {"identifier": {"system": "urn:unihealth:subject", "value": subject}}
+    return {"display": UNREPRESENTABLE_SUBJECT}
+
+
 def _coding(system: str, code: str, display: str | None = None) -> dict[str, Any]:
     out = {"system": system, "code": code}
     if display:
@@ -82,11 +106,7 @@ def audit_event(audit: AccessAudit, recorded: datetime) -> dict[str, Any]:
     grade = 0 if audit.status < 400 else (4 if audit.status < 500 else 8)
     code, display = _OUTCOMES[grade]
     principal = audit.principal
-    who: dict[str, Any] = (
-        {"identifier": {"system": "urn:unihealth:subject", "value": principal.subject}}
-        if principal
-        else {"display": "unauthenticated"}
-    )
+    who: dict[str, Any] = subject_agent(principal.subject) if principal else {"display": "unauthenticated"}
     user: dict[str, Any] = {
         "type": {
             "coding": [
@@ -98,14 +118,14 @@ def audit_event(audit: AccessAudit, recorded: datetime) -> dict[str, Any]:
     }
     if principal and principal.roles:
         user["role"] = [{"coding": [_coding("urn:unihealth:role", r)]} for r in principal.roles]
-    if audit.client:
+    if audit.client and _FHIR_STRING.search(audit.client):
         user["networkString"] = audit.client
     event: dict[str, Any] = {
         "resourceType": "AuditEvent",
         "category": [
             {"coding": [_coding("http://terminology.hl7.org/CodeSystem/audit-event-type", "rest", "RESTful Operation")]}
         ],
-        "code": {"coding": [_coding(_INTERACTION_SYSTEM, audit.interaction)]},
+        "code": {"coding": [_coding(_INTERACTION_SYSTEM, fhir_code(audit.interaction) or "unknown")]},
         "action": ACTIONS.get(audit.interaction, "E"),
         "severity": "informational" if grade == 0 else "warning",
         "recorded": instant(recorded),
@@ -134,10 +154,9 @@ def audit_event(audit: AccessAudit, recorded: datetime) -> dict[str, Any]:
             ],
         },
     }
-    if principal and principal.purpose_of_use:
-        event["authorization"] = [
-            {"coding": [_coding("http://terminology.hl7.org/CodeSystem/v3-ActReason", principal.purpose_of_use)]}
-        ]
+    purpose = fhir_code(principal.purpose_of_use or "") if principal else None
+    if purpose:
+        event["authorization"] = [{"coding": [_coding("http://terminology.hl7.org/CodeSystem/v3-ActReason", purpose)]}]
     patients = sorted(audit.patients)
     if len(patients) == 1:
         event["patient"] = {"reference": f"Patient/{patients[0]}"}
@@ -166,7 +185,7 @@ def audit_event(audit: AccessAudit, recorded: datetime) -> dict[str, Any]:
                 "role": {"coding": [_coding("http://terminology.hl7.org/CodeSystem/object-role", "24", "Query")]},
             }
         )
-    if audit.request_id:
+    if audit.request_id and _FHIR_STRING.search(audit.request_id):
         entities.append({"what": {"identifier": {"system": "urn:unihealth:request", "value": audit.request_id}}})
     if entities:
         event["entity"] = entities

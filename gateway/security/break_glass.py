@@ -28,6 +28,7 @@ from subgraphs.store.errors import FhirError, bad_request
 from subgraphs.store.repository import ResourceRepository
 from subgraphs.store.schema import btg_sessions
 
+from .audit import subject_agent
 from .tokens import Principal
 
 BREAK_GLASS_ROLES = ("clinician",)
@@ -108,9 +109,7 @@ def _override_event(session: Session, code: str, display: str, when: datetime) -
         },
         "authorization": [{"coding": [LABEL]}],
         "patient": {"reference": f"Patient/{session.patient_id}"},
-        "agent": [
-            {"who": {"identifier": {"system": "urn:unihealth:subject", "value": session.subject}}, "requestor": True}
-        ],
+        "agent": [{"who": subject_agent(session.subject), "requestor": True}],
         "source": {"observer": {"display": "UniHealth edge"}},
         "entity": [{"what": {"identifier": {"system": "urn:unihealth:btg-session", "value": session.id}}}],
     }
