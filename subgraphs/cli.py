@@ -47,4 +47,14 @@ def cmd_subgraph(args: argparse.Namespace) -> None:
     service = f"subgraph-{args.name}"
     setup_logging(settings.log_format, args.log_level, service=service)
     app = create_standalone_app(schema_for(args.name), settings, name=service)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False, log_config=None)
+    from gateway.federation.transport import SERVER_KEEPALIVE
+
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=False,
+        log_config=None,
+        timeout_keep_alive=SERVER_KEEPALIVE,  # gateways pool connections; ours drop idle ones sooner
+    )

@@ -925,3 +925,45 @@ async def test_the_edge_app_serves_graphql(app: Starlette, client: httpx.AsyncCl
         )
     assert answer.status_code == 200, answer.text
     assert answer.json() == {"data": {"patient": {"name": {"family": "Edge"}, "latestVitals": []}}}
+
+
+async def test_a_dropped_pooled_connection_is_retried_once_on_a_new_one() -> None:
+    """A server that closes a keep-alive connection just as a request goes out on it (the race
+    between an idle timeout and the pool): the transport sends the query again on a new connection;
+    a server that drops every connection is SubgraphUnavailable, never an exception."""
+    body = b'{"data":{"ok":true}}'
+    connections = 0
+    drop_all = False
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+        )
+        await reader.readexactly(length)
+        if connections == 1 or drop_all:
+            writer.close()  # closed without an answer, as a server ending an idle connection does
+            return
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+            % (len(body), body)
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    transport = HttpTransport({"s": f"http://127.0.0.1:{port}/graphql"}, timeout=5)
+    try:
+        answer = await transport.send("s", "{ ok }", {}, None, Forwarded())
+        assert answer.data == {"ok": True} and connections == 2, "sent again, once, on a new connection"
+        drop_all, connections = True, 0
+        with pytest.raises(SubgraphUnavailable, match="could not be reached"):
+            await transport.send("s", "{ ok }", {}, None, Forwarded())
+        assert connections == 2, "one retry, not more"
+    finally:
+        await transport.close()
+        server.close()
+        await server.wait_closed()

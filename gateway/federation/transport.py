@@ -10,7 +10,14 @@ from the client request travels in :class:`Forwarded`: ``Authorization``, ``X-Fa
 FHIR base URL.
 
 * :class:`HttpTransport` posts JSON to each subgraph's URL through one pooled, keep-alive
-  ``aiohttp.ClientSession`` (created on first use, closed by :meth:`HttpTransport.close`). Subgraph
+  ``aiohttp.ClientSession`` (created on first use, closed by :meth:`HttpTransport.close`). Idle
+  pooled connections are dropped after :data:`CLIENT_KEEPALIVE` seconds, below the servers' idle
+  timeout (our subgraphs: :data:`SERVER_KEEPALIVE`; uvicorn's default: 5 s), so the gateway does
+  not reuse a connection the server is closing; should a server still drop one
+  (``ServerDisconnectedError`` or a reset: it closed an idle keep-alive connection as the request
+  went out),
+  the request is sent once more on a new connection — a query, so repeating it is safe (the
+  subgraph may then have written one more access record, never one less). Subgraph
   answers are parsed with JSON numbers that have a fraction or exponent as ``Decimal``, so the
   stored FHIR JSON in ``resource`` fields keeps its digits through the gateway.
 * :class:`InProcessTransport` executes the subgraphs' strawberry schemas directly over the
@@ -124,6 +131,12 @@ async def measured(subgraph: str, answer: Awaitable[SubgraphResponse]) -> Subgra
         record_subgraph_request(subgraph, outcome, time.perf_counter() - started)
 
 
+CLIENT_KEEPALIVE = 4.0
+"""Seconds an idle pooled connection to a subgraph is kept (below uvicorn's default 5 s)."""
+SERVER_KEEPALIVE = 75
+"""Seconds our subgraph processes keep an idle client connection (``unihealth subgraph``)."""
+
+
 class HttpTransport:
     """Subgraphs over HTTP (see the module contract). aiohttp, not httpx: its client costs the
     gateway about a third of the CPU time per subgraph request (measured: ward query 3.9 ms vs
@@ -152,7 +165,7 @@ class HttpTransport:
             import aiohttp
 
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self.max_connections, keepalive_timeout=60),
+                connector=aiohttp.TCPConnector(limit=self.max_connections, keepalive_timeout=CLIENT_KEEPALIVE),
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
                 trace_configs=self.trace_configs,
                 raise_for_status=False,
@@ -176,9 +189,15 @@ class HttpTransport:
         if operation_name:
             body["operationName"] = operation_name
         headers = {"content-type": "application/json", "accept": "application/json", **forwarded.headers}
+        data = orjson.dumps(body, default=_default)
         try:
-            async with self.session().post(url, data=orjson.dumps(body, default=_default), headers=headers) as answer:
-                status, raw = answer.status, await answer.read()
+            try:
+                status, raw = await self._post(url, data, headers)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                if isinstance(exc, aiohttp.ClientConnectorError):
+                    raise  # no connection at all (refused, no route): nothing was dropped
+                log.info("subgraph %s dropped a pooled connection (%s); sending again", subgraph, type(exc).__name__)
+                status, raw = await self._post(url, data, headers)
         except TimeoutError:
             raise SubgraphUnavailable(subgraph, f"no answer within {self.timeout:g} s") from None
         except aiohttp.ClientError as exc:
@@ -190,6 +209,10 @@ class HttpTransport:
         except (UnicodeDecodeError, ValueError):
             raise SubgraphUnavailable(subgraph, "the answer is not JSON") from None
         return _response(subgraph, payload)
+
+    async def _post(self, url: str, data: bytes, headers: Mapping[str, str]) -> tuple[int, bytes]:
+        async with self.session().post(url, data=data, headers=headers) as answer:
+            return answer.status, await answer.read()
 
     async def close(self) -> None:
         if self._session is not None:
