@@ -49,6 +49,7 @@ class Settings:
     relay: str = "inline"  # inline: this process drains the outbox; off: a separate relay does
     relay_database_url: str = ""  # PostgreSQL: a role in unihealth_relay (sees every facility's outbox)
     outbox_retention_hours: int = 24  # published outbox rows older than this are deleted; 0: kept forever
+    audit_linger_ms: int = 250  # in-process sealing: access records wait up to this to be sealed in batches
     cache_url: str = ""  # redis://host:port/db; empty: an in-process LRU cache
     summary_ttl: int = 60
     graphql_cache_ttl: int = 60  # seconds a cached single-patient GraphQL answer lives; 0: no cache
@@ -225,6 +226,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: object) -> 
         relay=_choice(env, overrides, "relay", "UNIHEALTH_RELAY", ("inline", "off")),
         relay_database_url=str(overrides.get("relay_database_url") or env.get("UNIHEALTH_RELAY_DATABASE_URL", "")),
         outbox_retention_hours=_int(env, "UNIHEALTH_OUTBOX_RETENTION_HOURS", 24, 0, 24 * 365),
+        audit_linger_ms=_int(env, "UNIHEALTH_AUDIT_LINGER_MS", 250, 0, 10_000),
         cache_url=str(overrides.get("cache_url") or env.get("UNIHEALTH_CACHE_URL", "")),
         summary_ttl=_int(env, "UNIHEALTH_SUMMARY_TTL", 60, 1, 24 * 3600),
         graphql_cache_ttl=_int(env, "UNIHEALTH_GRAPHQL_CACHE_TTL", 60, 0, 24 * 3600),

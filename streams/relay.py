@@ -25,6 +25,15 @@ Contract:
   is unpublished or younger — so an unpublished row is never deleted and nothing behind it either.
   :meth:`Relay.run` purges every ``purge_interval`` seconds when given a ``retention``. The broker
   (Kafka's topic retention) then holds the events; keep it longer than a worker can be down.
+* Access records may wait (:meth:`Relay.run` with ``audit_linger`` > 0; the embedded profile's
+  inline relay): a drain of :meth:`run` publishes change rows at once but leaves the access
+  records (operation ``audit``) unpublished while there are fewer than ``audit_batch`` of them in
+  its read and the oldest is younger than ``audit_linger`` seconds; then all of them go, in
+  ``seq`` order. Sealing one record alone costs ~4.3 ms of CPU, in batches of 8 or more ~1.1-1.5
+  ms each (measured, SQLite); every read writes one, and in process the sealer shares the CPU
+  with the requests. The records are committed before any response (nothing is lost by waiting);
+  they are only chained and searchable up to ``audit_linger`` later. Cache invalidation and the
+  change stream never wait. :meth:`drain_once` itself always publishes everything it reads.
 * SQLite (embedded, one process): a plain ordered read, publish outside any transaction (so
   in-process handlers may write to the store), then a short write transaction marks the rows. Run
   one relay per SQLite database; concurrent calls on one :class:`Relay` are serialized.
@@ -151,13 +160,16 @@ class Relay:
 
         Raises what the bus raised (nothing is marked then), or TimeoutError past ``drain_timeout``.
         """
+        return await self._drain(limit, None)
+
+    async def _drain(self, limit: int, linger: tuple[float, int] | None) -> int:
         if limit < 1:
             raise ValueError("limit must be at least 1")
         async with self._lock, asyncio.timeout(self.drain_timeout):
             if self.db.dialect == "postgresql":
-                count = await self._drain_claiming(limit)
+                count = await self._drain_claiming(limit, linger)
             else:
-                count = await self._drain_single(limit)
+                count = await self._drain_single(limit, linger)
         self.published += count
         return count
 
@@ -198,17 +210,21 @@ class Relay:
         limit: int = 500,
         retention: timedelta | None = None,
         purge_interval: float = 60.0,
+        audit_linger: float = 0.0,
+        audit_batch: int = 32,
     ) -> None:
         """Drain until ``stop_event`` is set: at once while rows keep coming, else every ``poll_interval``
         seconds (or on :meth:`wake`); failures are logged and retried with exponential backoff. With
-        a ``retention``, also :meth:`purge` every ``purge_interval`` seconds (first at start)."""
+        a ``retention``, also :meth:`purge` every ``purge_interval`` seconds (first at start). With
+        ``audit_linger`` > 0, access records wait as the module docstring says."""
+        linger = (audit_linger, max(1, audit_batch)) if audit_linger > 0 else None
         failures = 0
         next_purge = 0.0
         loop = asyncio.get_running_loop()
         while not stop_event.is_set():
             delay = poll_interval
             try:
-                if await self.drain_once(limit) > 0:
+                if await self._drain(limit, linger) > 0:
                     delay = 0.0
                 if retention is not None and loop.time() >= next_purge:
                     next_purge = loop.time() + purge_interval
@@ -233,9 +249,9 @@ class Relay:
             self._wakeup.clear()
 
     # ---------------------------------------------------------------- SQLite
-    async def _drain_single(self, limit: int) -> int:
+    async def _drain_single(self, limit: int, linger: tuple[float, int] | None) -> int:
         async with self.db.transaction(write=False) as conn:
-            rows = list(await conn.execute(_SQLITE_PENDING, {"limit": limit}))
+            rows = _without_waiting_audits(list(await conn.execute(_SQLITE_PENDING, {"limit": limit})), linger)
         if not rows:
             return 0
         await self._publish(rows)
@@ -244,12 +260,12 @@ class Relay:
         return len(rows)
 
     # ---------------------------------------------------------------- PostgreSQL
-    async def _drain_claiming(self, limit: int) -> int:
+    async def _drain_claiming(self, limit: int, linger: tuple[float, int] | None) -> int:
         async with self.db.transaction(write=True) as conn:
             claimed = list(await conn.execute(_pending(limit).with_for_update(skip_locked=True)))
             if not claimed:
                 return 0
-            rows = await self._in_key_order(conn, claimed)
+            rows = _without_waiting_audits(await self._in_key_order(conn, claimed), linger)
             if not rows:
                 return 0
             await self._publish(rows)
@@ -285,6 +301,19 @@ class Relay:
         seqs = [r.seq for r in rows]
         for start in range(0, len(seqs), 1000):
             await conn.execute(_MARK, {"seqs": seqs[start : start + 1000], "now": now})
+
+
+def _without_waiting_audits(rows: list[Any], linger: tuple[float, int] | None) -> list[Any]:
+    """``rows`` without their access records when those may still wait (module docstring)."""
+    if linger is None:
+        return rows
+    audits = [r for r in rows if r.operation == AUDIT_OPERATION]
+    if not audits or len(audits) >= linger[1]:
+        return rows
+    oldest = min(as_utc(r.occurred_at) for r in audits)
+    if (datetime.now(UTC) - oldest).total_seconds() >= linger[0]:
+        return rows
+    return [r for r in rows if r.operation != AUDIT_OPERATION]
 
 
 async def wait_stopped(task: asyncio.Task[None], limit: float = 30.0) -> None:

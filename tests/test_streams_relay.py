@@ -616,3 +616,70 @@ async def test_redis_server_answers_ping(redis_url: str) -> None:
             assert await client.get("unihealth:smoke") == b"1"
     finally:
         await client.aclose()
+
+
+async def test_run_lets_access_records_wait_for_a_batch_but_never_changes(
+    app: Starlette, relay_database: Database, facility: str
+) -> None:
+    """With ``audit_linger`` a change goes out at once while access records wait — until the
+    oldest is ``audit_linger`` old, or until ``audit_batch`` of them are pending."""
+    from gateway.security.audit import AccessAudit
+    from streams.events import AUDIT_TOPIC, AuditRecord
+
+    db: Database = relay_database
+    bus = InProcessBus()
+    changes = Collector(facility)
+    audits: list[AuditRecord] = []
+    arrived = asyncio.Event()
+
+    async def audit(record: AuditRecord) -> None:
+        if record.facility == facility:
+            audits.append(record)
+            arrived.set()
+
+    async def audits_reach(n: int) -> None:
+        async with asyncio.timeout(WAIT):
+            while len(audits) < n:
+                arrived.clear()
+                await arrived.wait()
+
+    bus.subscribe(TOPIC_PREFIX, changes)
+    bus.subscribe(AUDIT_TOPIC, audit)
+    relay = Relay(db, bus)
+    await drain_all(relay)
+    backends = app.state.backends
+
+    async def access() -> None:
+        await backends.record_access(AccessAudit(interaction="read", facility=facility, status=200))
+
+    async def run(linger: float, batch: int) -> tuple[asyncio.Event, asyncio.Task[None]]:
+        stop = asyncio.Event()
+        task = asyncio.create_task(
+            relay.run(stop_event=stop, poll_interval=0.01, audit_linger=linger, audit_batch=batch)
+        )
+        return stop, task
+
+    await access()
+    async with backends.repository(facility, write=True) as repo:
+        await repo.create("Patient", patient())
+    stop, task = await run(linger=3.0, batch=5)  # far longer than the change takes on a busy machine
+    try:
+        await changes.wait_for(1)
+        assert audits == [], "the change went out; the lone access record waits"
+        await audits_reach(1)
+    finally:
+        stop.set()
+        await wait_stopped(task)
+    assert len(audits) == 1, "published once its linger passed"
+
+    for _ in range(5):
+        await access()
+    stop, task = await run(linger=600.0, batch=5)  # a linger no test waits for
+    try:
+        await audits_reach(6)
+    finally:
+        stop.set()
+        await wait_stopped(task)
+    assert len(audits) == 6, "a full batch goes at once"
+    await access()
+    assert await drain_all(relay) >= 1 and len(audits) == 7, "drain_once never holds anything back"
