@@ -57,8 +57,10 @@ async def import_file(
     default_facility: str | None = None,
     batch_size: int = 500,
     progress: Callable[[int], None] | None = None,
+    analyze: bool = True,
 ) -> int:
-    """Import ``path``; returns the number of resources written."""
+    """Import ``path``; returns the number of resources written. Refreshes the planner's statistics
+    at the end unless ``analyze`` is False (parallel importers: the caller analyzes once)."""
     pending: dict[str, list[Change]] = defaultdict(list)
     written = 0
 
@@ -105,5 +107,6 @@ async def import_file(
             raise FhirError(exc.status, exc.code, f"{path.name} line {number}: {exc.diagnostics}") from None
     for facility in list(pending):
         await flush(facility)
-    await backends.db.analyze()
+    if analyze:
+        await backends.db.analyze()
     return written
