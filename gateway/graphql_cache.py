@@ -70,6 +70,7 @@ from .federation.gateway import PreparedOperation
 from .federation.operation import Field, Operation, Selection
 from .federation.planner import Fetch, PlanFragment, PlanItem
 from .federation.transport import Forwarded
+from .identity_memo import IdentityMemo
 from .security.audit import AccessAudit
 from .security.policy import access_level, policy_for
 from .security.tokens import Principal
@@ -151,12 +152,10 @@ class GraphQLCache:
         self.backends = backends
         self.ttl = ttl
         self._levels: OrderedDict[str, str] = OrderedDict()  # verified token -> access level
-        self._shapes: OrderedDict[int, tuple[Operation, bool]] = OrderedDict()  # id(operation) -> cacheable
+        self._cacheable = IdentityMemo(cacheable, 1000)  # plans are cached: few distinct operations
         self.hits = 0
         self.stores = 0
-        self.entity_hits = 0
-        self.entity_stores = 0
-        self._entity_shapes: OrderedDict[int, tuple[Fetch, bool]] = OrderedDict()  # id(fetch) -> cacheable
+        self._entity_cacheable = IdentityMemo(entity_cacheable, 1000)  # fetches live in cached plans
 
     # ------------------------------------------------------------------ who and what
     def _caller(self, forwarded: Forwarded) -> tuple[str, Principal, str] | None:
@@ -179,24 +178,6 @@ class GraphQLCache:
         except FhirError:
             return None  # the subgraphs refuse it with the right status
         return facility, principal, level
-
-    def _cacheable(self, operation: Operation) -> bool:
-        found = self._shapes.get(id(operation))
-        if found is None or found[0] is not operation:  # plans are cached: few distinct operations
-            found = (operation, cacheable(operation))
-            self._shapes[id(operation)] = found
-            while len(self._shapes) > 1000:
-                self._shapes.popitem(last=False)
-        return found[1]
-
-    def _entity_cacheable(self, fetch: Fetch) -> bool:
-        found = self._entity_shapes.get(id(fetch))
-        if found is None or found[0] is not fetch:  # fetches live in cached plans
-            found = (fetch, entity_cacheable(fetch))
-            self._entity_shapes[id(fetch)] = found
-            while len(self._entity_shapes) > 1000:
-                self._entity_shapes.popitem(last=False)
-        return found[1]
 
     def _key(self, prepared: PreparedOperation, forwarded: Forwarded) -> tuple[str, str, Principal] | None:
         """(key, patient prefix, principal), or None when this request is not cached."""
@@ -256,15 +237,16 @@ class GraphQLCache:
     ) -> CachedEntities | None:
         """Cached entities of the cacheable batches (after recording their access), with tickets
         for the misses; None when nothing here is cacheable or the cache failed."""
-        if not any(self._entity_cacheable(b.fetch) for b in batches):
+        cacheable = [self._entity_cacheable(b.fetch) for b in batches]
+        if not any(cacheable):
             return None
         caller = self._caller(forwarded)
         if caller is None:
             return None
         facility, principal, level = caller
-        keys: list[tuple[int, int, str, str]] = []  # (batch, representation, key, prefix)
+        keys: list[tuple[int, int, str, str, str]] = []  # (batch, representation, key, prefix, patient)
         for b, batch in enumerate(batches):
-            if not self._entity_cacheable(batch.fetch):
+            if not cacheable[b]:
                 continue
             fetch = batch.fetch
             used = {name: variables.get(name) for name in sorted(fetch.variables)}
@@ -275,25 +257,25 @@ class GraphQLCache:
                     continue
                 digest = hashlib.sha256(shape + fhirjson.dumps(representation)).hexdigest()
                 prefix = graphql_prefix(facility, patient)
-                keys.append((b, n, f"{prefix}{level}|e|{digest}", prefix))
+                keys.append((b, n, f"{prefix}{level}|e|{digest}", prefix, patient))
         if not keys:
             return None
         entities: list[list[dict[str, Any] | None]] = [[None] * len(b.representations) for b in batches]
         tickets: list[list[Any]] = [[None] * len(b.representations) for b in batches]
         cache = self.backends.cache
         try:
-            values = await cache.get_many([k for _, _, k, _ in keys])
-            misses = [(b, n, k, p) for (b, n, k, p), v in zip(keys, values, strict=True) if v is None]
+            values = await cache.get_many([k for _, _, k, _, _ in keys])
+            misses = [(b, n, k, p) for (b, n, k, p, _), v in zip(keys, values, strict=True) if v is None]
             prefixes = sorted({p for _, _, _, p in misses})
             generations = dict(zip(prefixes, await cache.generations(prefixes), strict=True))
         except Exception:
             log.warning("GraphQL entity cache unavailable; asking the subgraphs", exc_info=True)
             return None
         served: set[str] = set()
-        for (b, n, _, prefix), value in zip(keys, values, strict=True):
+        for (b, n, _, _, patient), value in zip(keys, values, strict=True):
             if value is not None:
                 entities[b][n] = fhirjson.loads(value)
-                served.add(prefix.split("|")[2])
+                served.add(patient)
         for b, n, key, prefix in misses:
             tickets[b][n] = (key, prefix, generations[prefix])
         if served:
@@ -312,7 +294,6 @@ class GraphQLCache:
             except Exception:
                 log.warning("could not record the access of cached entities; asking the subgraphs", exc_info=True)
                 return None
-            self.entity_hits += sum(1 for row in entities for e in row if e is not None)
         return CachedEntities(entities, tickets)
 
     async def store_entities(self, offered: Sequence[tuple[Any, dict[str, Any]]], forwarded: Forwarded) -> None:
@@ -320,7 +301,7 @@ class GraphQLCache:
         Serializes before its first await: the executor goes on merging into those objects."""
         items = [(key, fhirjson.dumps(entity), prefix, generation) for (key, prefix, generation), entity in offered]
         try:
-            self.entity_stores += await self.backends.cache.set_many_if_current(items, self.ttl)
+            await self.backends.cache.set_many_if_current(items, self.ttl)
         except Exception:
             log.warning("GraphQL entity cache unavailable; entities not stored", exc_info=True)
 

@@ -182,7 +182,6 @@ class Executor:
     def __init__(self, transport: Transport, entity_cache: EntityCache | None = None) -> None:
         self.transport = transport
         self.entity_cache = entity_cache
-        self.entities_from_cache = 0  # representations answered by the entity cache (tests, metrics)
 
     async def run(
         self, plan: QueryPlan, variables: Mapping[str, Any], forwarded: Forwarded, query: str = ""
@@ -291,7 +290,6 @@ class Executor:
             for n, entity in enumerate(entities):
                 if entity is not None:
                     deep_merge(item.objects[n], entity)
-                    self.entities_from_cache += 1
                 else:
                     rest.objects.append(item.objects[n])
                     rest.paths.append(item.paths[n])

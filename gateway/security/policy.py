@@ -11,16 +11,17 @@ scope makes the grant unconstrained. ``patient/`` scopes without a launch patien
 :func:`access_level` fingerprints a policy for cache keys: equal fingerprints, equal visibility (the
 REST summary cache and the GraphQL response cache both key on it).
 
-Both are pure and memoized (bounded LRUs, :data:`MEMO_SIZE` entries): a principal is a frozen value
-(the verified claims), so every request of one token gets the same policy object and its
-fingerprint is computed once. A principal whose scopes cannot be applied is not memoized (the 403
-is raised again each time).
+Both are pure and memoized (:data:`MEMO_SIZE` entries each; the policy by principal, its
+fingerprint by policy identity): a principal is a frozen value (the verified claims), so every
+request of one token gets the same policy object and its fingerprint is computed once. A
+principal whose scopes cannot be applied is not memoized (the 403 is raised again each time).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from types import MappingProxyType
 
 from subgraphs.store.access import AccessPolicy, Criteria, Grant
@@ -29,6 +30,7 @@ from subgraphs.store.params import PARAM_BY_NAME
 from subgraphs.store.search import parse_search
 from subgraphs.store.validation import SUPPORTED_TYPES
 
+from ..identity_memo import IdentityMemo
 from .roles import role_letters
 from .tokens import Principal
 
@@ -42,21 +44,12 @@ def _compartment(resource_type: str, patient: str) -> Criteria:
 
 
 MEMO_SIZE = 10_000
-_POLICIES: OrderedDict[Principal, AccessPolicy] = OrderedDict()
-_LEVELS: OrderedDict[int, tuple[AccessPolicy, str]] = OrderedDict()  # id(policy) -> (policy, level)
 
 
+@functools.lru_cache(maxsize=MEMO_SIZE)
 def policy_for(principal: Principal) -> AccessPolicy:
     """The access policy of ``principal`` (module contract); 403 when a scope cannot be applied."""
-    found = _POLICIES.get(principal)
-    if found is not None:
-        _POLICIES.move_to_end(principal)
-        return found
-    policy = _policy_for(principal)
-    _POLICIES[principal] = policy
-    while len(_POLICIES) > MEMO_SIZE:
-        _POLICIES.popitem(last=False)
-    return policy
+    return _policy_for(principal)
 
 
 def _policy_for(principal: Principal) -> AccessPolicy:
@@ -94,16 +87,12 @@ def _policy_for(principal: Principal) -> AccessPolicy:
 def access_level(policy: AccessPolicy) -> str:
     """A short fingerprint of what the caller may see (grants and their criteria): callers with equal
     fingerprints see equal data, so a cached view may be shared between them and no one else."""
-    found = _LEVELS.get(id(policy))
-    if found is not None and found[0] is policy:  # the entry keeps the policy alive: ids stay unique
-        return found[1]
-    level = _access_level(policy)
-    _LEVELS[id(policy)] = (policy, level)
-    while len(_LEVELS) > MEMO_SIZE:
-        _LEVELS.popitem(last=False)
-    return level
+    return _LEVELS(policy)
 
 
 def _access_level(policy: AccessPolicy) -> str:
     grants = sorted((k, v.groups) for k, v in policy.grants.items())
     return hashlib.sha256(repr((policy.everything, grants)).encode()).hexdigest()[:16]
+
+
+_LEVELS: IdentityMemo[AccessPolicy, str] = IdentityMemo(_access_level, MEMO_SIZE)
