@@ -251,17 +251,6 @@ _SET = _store_script(2)
 # the same store, only while the generation key KEYS[2] still holds the token ARGV[3]
 _SET_IF_CURRENT = "\nif redis.call('GET', KEYS[2]) ~= ARGV[3] then\n  return 0\nend" + _store_script(3)
 
-_GENERATION = """
-local token = redis.call('GET', KEYS[1])
-if not token then
-  token = ARGV[1]
-  redis.call('SET', KEYS[1], token, 'PX', ARGV[2])
-else
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return token
-"""
-
 _GENERATIONS = """
 local out = {}
 local millis = ARGV[#KEYS + 1]
@@ -305,7 +294,6 @@ class RedisCache:
         self._set = client.register_script(_SET)
         self._delete_tag = client.register_script(_DELETE_TAG)
         self._set_if_current = client.register_script(_SET_IF_CURRENT)
-        self._generation = client.register_script(_GENERATION)
         self._generations = client.register_script(_GENERATIONS)
 
     @classmethod
@@ -369,10 +357,7 @@ class RedisCache:
 
     async def generation(self, prefix: str) -> str:
         """The current generation token of ``prefix`` (a new one if it has none); one round trip."""
-        millis = int(GENERATION_TTL * 1000)
-        key = self._generation_key(check_prefix(prefix))
-        token = await self._generation(keys=[key], args=[new_generation(), millis])
-        return token.decode() if isinstance(token, bytes) else str(token)
+        return (await self.generations([prefix]))[0]
 
     async def set_if_current(self, key: str, value: bytes, ttl: float, prefix: str, generation: str) -> bool:
         """Store like :meth:`set` only if ``prefix``'s generation is still ``generation`` (one script)."""
