@@ -349,8 +349,7 @@ class RedisCache:
         millis = max(1, int(_check_ttl(ttl) * 1000))
         async with self.client.pipeline(transaction=False) as pipe:
             for key, value, prefix, generation in items:
-                _check_scope(key, prefix)
-                keys = [self._entry(key), self._generation_key(prefix), *(self._tag(p) for p in ancestors(key))]
+                keys = self._conditional_keys(key, prefix)
                 await self._set_if_current(keys=keys, args=[bytes(value), millis, generation], client=pipe)
             results = await pipe.execute()
         return sum(1 for r in results if r)
@@ -361,10 +360,14 @@ class RedisCache:
 
     async def set_if_current(self, key: str, value: bytes, ttl: float, prefix: str, generation: str) -> bool:
         """Store like :meth:`set` only if ``prefix``'s generation is still ``generation`` (one script)."""
-        _check_scope(key, prefix)
+        keys = self._conditional_keys(key, prefix)
         millis = max(1, int(_check_ttl(ttl) * 1000))
-        keys = [self._entry(key), self._generation_key(prefix), *(self._tag(p) for p in ancestors(key))]
         return bool(await self._set_if_current(keys=keys, args=[bytes(value), millis, generation]))
+
+    def _conditional_keys(self, key: str, prefix: str) -> list[str]:
+        """The KEYS of ``_SET_IF_CURRENT``: entry, the prefix's generation, tag sets (scope checked)."""
+        _check_scope(key, prefix)
+        return [self._entry(key), self._generation_key(prefix), *(self._tag(p) for p in ancestors(key))]
 
     async def delete(self, *keys: str) -> int:
         if not keys:
