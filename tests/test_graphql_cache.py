@@ -25,6 +25,7 @@ from starlette.applications import Starlette
 from gateway.app import create_app
 from gateway.backends import Backends
 from gateway.context import RequestContext
+from gateway.federation.executor import RESERVED_VARIABLE_PREFIX
 from gateway.federation.gateway import GraphQLRequest, fingerprint
 from gateway.federation.transport import Forwarded, SubgraphResponse
 from gateway.graphql_app import GraphQLEdge
@@ -49,21 +50,34 @@ SUMMARY = """query Summary($id: ID!) {
 
 # ---------------------------------------------------------------------------------- plumbing
 class Counting:
-    """The edge's own transport, counting the subgraph requests the gateway sends through it."""
+    """The edge's own transport, recording the subgraph requests the gateway sends through it:
+    per request the subgraph and how many ``_entities`` representations it carried."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
-        self.sent = 0
+        self.requests: list[tuple[str, int]] = []
+
+    @property
+    def sent(self) -> int:
+        return len(self.requests)
 
     async def send(
         self, subgraph: str, query: str, variables: Mapping[str, Any], operation_name: str | None, forwarded: Forwarded
     ) -> SubgraphResponse:
-        self.sent += 1
+        reps = sum(len(v) for k, v in variables.items() if k.startswith(f"{RESERVED_VARIABLE_PREFIX}r"))
+        self.requests.append((subgraph, reps))
         response: SubgraphResponse = await self.inner.send(subgraph, query, variables, operation_name, forwarded)
         return response
 
     async def close(self) -> None:
         await self.inner.close()
+
+    def since(self, mark: int) -> dict[str, int]:
+        """Representations sent per subgraph since request number ``mark`` (root requests count 0)."""
+        out: dict[str, int] = {}
+        for subgraph, reps in self.requests[mark:]:
+            out[subgraph] = out.get(subgraph, 0) + reps
+        return out
 
 
 class InvalidatedWhileComputing:

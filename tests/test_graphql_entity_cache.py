@@ -11,15 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import httpx
-import pytest
 from starlette.applications import Starlette
 
-from gateway.federation.executor import RESERVED_VARIABLE_PREFIX
-from gateway.federation.transport import Forwarded, SubgraphResponse
 from gateway.graphql_cache import GraphQLCache, entity_cacheable
 from streams.cache import Cache
 from streams.invalidation import graphql_prefix, invalidate
@@ -27,12 +23,15 @@ from tests.conftest import token_for
 from tests.helpers import create, observation, patient
 from tests.streams_services import redis_url  # noqa: F401  (fixture)
 from tests.test_graphql_cache import (  # noqa: F401  (fixtures)
+    Counting,
     ask,
     bare_cache,
     cache_kind,
     change,
+    counted,
     edge_app,
     graphql_edge,
+    request_of,
     rest,
     sealed,
     settle,
@@ -47,46 +46,6 @@ WARD = """query Ward {
     }
   }
 }"""
-
-
-class Recording:
-    """The edge's own transport, recording per request the subgraph and how many representations."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.sent: list[tuple[str, int]] = []
-
-    async def send(
-        self, subgraph: str, query: str, variables: Mapping[str, Any], operation_name: str | None, forwarded: Forwarded
-    ) -> SubgraphResponse:
-        reps = sum(len(v) for k, v in variables.items() if k.startswith(f"{RESERVED_VARIABLE_PREFIX}r"))
-        self.sent.append((subgraph, reps))
-        response: SubgraphResponse = await self.inner.send(subgraph, query, variables, operation_name, forwarded)
-        return response
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-    def since(self, mark: int) -> dict[str, int]:
-        """Representations sent per subgraph since ``mark`` (root requests count 0)."""
-        out: dict[str, int] = {}
-        for subgraph, reps in self.sent[mark:]:
-            out[subgraph] = out.get(subgraph, 0) + reps
-        return out
-
-
-@pytest.fixture
-async def recorded(edge_app: Starlette) -> AsyncIterator[Recording]:
-    gateway = graphql_edge(edge_app).gateway
-    assert gateway is not None and isinstance(gateway.cache, GraphQLCache)
-    assert gateway.executor.entity_cache is gateway.cache, "the edge's response cache is its entity cache"
-    original = gateway.transport
-    recording = Recording(original)
-    gateway.transport = gateway.executor.transport = recording
-    try:
-        yield recording
-    finally:
-        gateway.transport = gateway.executor.transport = original
 
 
 async def ward_of(rest: httpx.AsyncClient, edge_app: Starlette, size: int) -> list[str]:
@@ -104,23 +63,26 @@ def vitals(body: dict[str, Any]) -> dict[str, set[str]]:
 
 
 async def test_the_second_ward_asks_only_for_the_page(
-    edge_app: Starlette, cache_kind: str, recorded: Recording, rest: httpx.AsyncClient, facility: str
+    edge_app: Starlette, cache_kind: str, counted: Counting, rest: httpx.AsyncClient, facility: str
 ) -> None:
+    gateway = graphql_edge(edge_app).gateway
+    assert gateway is not None and isinstance(gateway.cache, GraphQLCache)
+    assert gateway.executor.entity_cache is gateway.cache, "the edge's response cache is its entity cache"
     ids = await ward_of(rest, edge_app, 4)
     token = token_for(edge_app.state.backends.settings, [facility], roles=["clinician"])
-    mark = len(recorded.sent)
+    mark = counted.sent
     first = await ask(edge_app, token, facility, {}, query=WARD)
     assert "errors" not in first and set(vitals(first)) == set(ids)
-    assert recorded.since(mark) == {"patient": 0, "observation": 4, "medication": 4}, "cold: every patient asked"
+    assert counted.since(mark) == {"patient": 0, "observation": 4, "medication": 4}, "cold: every patient asked"
 
-    mark = len(recorded.sent)
+    mark = counted.sent
     second = await ask(edge_app, token, facility, {}, query=WARD)
     assert second == first, "the same answer"
-    assert recorded.since(mark) == {"patient": 0}, "warm: only the page itself, no _entities request at all"
+    assert counted.since(mark) == {"patient": 0}, "warm: only the page itself, no _entities request at all"
 
 
 async def test_a_change_refetches_only_that_patient(
-    edge_app: Starlette, recorded: Recording, rest: httpx.AsyncClient, facility: str
+    edge_app: Starlette, counted: Counting, rest: httpx.AsyncClient, facility: str
 ) -> None:
     ids = await ward_of(rest, edge_app, 3)
     token = token_for(edge_app.state.backends.settings, [facility], roles=["clinician"])
@@ -129,15 +91,15 @@ async def test_a_change_refetches_only_that_patient(
 
     await create(rest, observation(ids[1], code="8310-5", value=37.5))
     await settle(edge_app.state.backends)
-    mark = len(recorded.sent)
+    mark = counted.sent
     fresh = await ask(edge_app, token, facility, {}, query=WARD)
     assert vitals(fresh)[ids[1]] == {"8867-4", "8310-5"}, "the new observation is in the answer"
     assert vitals(fresh)[ids[0]] == {"8867-4"}
-    assert recorded.since(mark) == {"patient": 0, "observation": 1, "medication": 1}, "only the changed patient"
+    assert counted.since(mark) == {"patient": 0, "observation": 1, "medication": 1}, "only the changed patient"
 
 
 async def test_another_access_level_or_facility_does_not_share_entities(
-    edge_app: Starlette, recorded: Recording, rest: httpx.AsyncClient, facility: str, other_facility: str
+    edge_app: Starlette, counted: Counting, rest: httpx.AsyncClient, facility: str, other_facility: str
 ) -> None:
     ids = await ward_of(rest, edge_app, 2)
     backends = edge_app.state.backends
@@ -149,32 +111,32 @@ async def test_another_access_level_or_facility_does_not_share_entities(
         roles=["clinician"],
         scopes=["user/Patient.rs", "user/MedicationRequest.rs", "user/Observation.rs?category=laboratory"],
     )
-    mark = len(recorded.sent)
+    mark = counted.sent
     labs = await ask(edge_app, narrow, facility, {}, query=WARD)
-    assert recorded.since(mark).get("observation") == 2, "another access level: asked again"
+    assert counted.since(mark).get("observation") == 2, "another access level: asked again"
     assert vitals(labs) == {pid: set() for pid in ids}, "and it sees only what its scopes allow"
 
-    mark = len(recorded.sent)
+    mark = counted.sent
     elsewhere = await ask(edge_app, wide, other_facility, {}, query=WARD)
     assert elsewhere["data"]["patients"]["nodes"] == [], "another facility's page is its own (empty)"
-    assert recorded.since(mark) == {"patient": 0}
+    assert counted.since(mark) == {"patient": 0}
 
 
 async def test_entities_served_from_cache_have_an_access_record(
-    edge_app: Starlette, recorded: Recording, rest: httpx.AsyncClient, facility: str
+    edge_app: Starlette, counted: Counting, rest: httpx.AsyncClient, facility: str
 ) -> None:
     ids = await ward_of(rest, edge_app, 3)
     backends = edge_app.state.backends
     token = token_for(backends.settings, [facility], roles=["clinician"], subject="dr-ward")
     await ask(edge_app, token, facility, {}, query=WARD)
     request_id = "ward-" + uuid.uuid4().hex
-    mark = len(recorded.sent)
+    mark = counted.sent
     await ask(edge_app, token, facility, {}, request_id=request_id, query=WARD)
-    assert recorded.since(mark) == {"patient": 0}
+    assert counted.since(mark) == {"patient": 0}
     records: list[dict[str, Any]] = []
     for _ in range(100):  # relayed and sealed by the in-process handlers
         await settle(backends)
-        records = [r for r in await sealed(backends, facility) if _request_of(r) == request_id]
+        records = [r for r in await sealed(backends, facility) if request_of(r) == request_id]
         if len(records) >= 2:
             break
         await asyncio.sleep(0.05)
@@ -183,14 +145,6 @@ async def test_entities_served_from_cache_have_an_access_record(
     assert all(_patient_refs(r) == wanted for r in records), "each names every patient of the page"
     assert all(r["agent"][0]["who"]["identifier"]["value"] == "dr-ward" for r in records)
     assert all(r["code"]["coding"][0]["code"] == "graphql" for r in records)
-
-
-def _request_of(event: dict[str, Any]) -> str | None:
-    for entity in event.get("entity", []):
-        identifier = entity.get("what", {}).get("identifier", {})
-        if identifier.get("system") == "urn:unihealth:request":
-            return str(identifier["value"])
-    return None
 
 
 def _patient_refs(event: dict[str, Any]) -> frozenset[str]:
